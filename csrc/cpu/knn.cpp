@@ -1,0 +1,52 @@
+// Runtime dispatch to the widest instruction set this CPU supports.
+#include "knn.h"
+
+namespace tlfast {
+namespace cpu {
+
+namespace {
+enum class Isa { AVX512, AVX2, GENERIC };
+
+Isa detect() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
+#endif
+  return Isa::GENERIC;
+}
+
+Isa best() {
+  static const Isa isa = detect();
+  return isa;
+}
+}  // namespace
+
+std::string isa() {
+  switch (best()) {
+    case Isa::AVX512: return "avx512";
+    case Isa::AVX2: return "avx2";
+    default: return "generic";
+  }
+}
+
+void knn(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, int64_t k, Metric metric,
+         bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
+  switch (best()) {
+    case Isa::AVX512: return avx512::knn(q, nq, c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
+    case Isa::AVX2: return avx2::knn(q, nq, c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
+    default: return generic::knn(q, nq, c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
+  }
+}
+
+void pairwise(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, Metric metric, int threads,
+              float* out) {
+  switch (best()) {
+    case Isa::AVX512: return avx512::pairwise(q, nq, c, n, d, metric, threads, out);
+    case Isa::AVX2: return avx2::pairwise(q, nq, c, n, d, metric, threads, out);
+    default: return generic::pairwise(q, nq, c, n, d, metric, threads, out);
+  }
+}
+
+}  // namespace cpu
+}  // namespace tlfast
