@@ -286,9 +286,7 @@ static void pack_queries(const float* q, int64_t nq, int64_t d, int64_t r0, int6
 // Query block size: each corpus panel streamed from memory is reused for every query of the
 // block (2 * rows flops per loaded float), so the block is as large as half an L2 allows.
 static int64_t query_block_rows(int64_t d, int rows) {
-  const char* env = std::getenv("TLFAST_MB_KB");
-  const int64_t kb = env ? std::atoi(env) : 512;
-  int64_t mb = (kb * 1024 / 4) / std::max<int64_t>(d, 1);
+  int64_t mb = (512 * 1024 / 4) / std::max<int64_t>(d, 1);
   mb = std::max<int64_t>(rows, std::min<int64_t>(mb, 48 * rows));
   return mb / rows * rows;
 }
