@@ -21,8 +21,9 @@ Every metric is a matrix product plus an epilogue (the maths of csrc/cpu/fused_k
 Products run on tensor cores in the input dtype (fp16 / bf16; fp32 as 3xTF32, which keeps fp32
 accuracy) with fp32 accumulation.  Equivalent to ``tlfast.reference.knn`` / ``.pairwise``.
 
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with fixed block sizes (no autotune)
-and bf16 operands are widened to fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
+Block sizes are autotuned on the GPU (``TLFAST_TRITON_AUTOTUNE=0``: a fixed config).  Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors with fixed block sizes, and bf16 operands
+are widened to fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 from __future__ import annotations
 
@@ -157,19 +158,26 @@ def _pairwise_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  #
 
 
 def _gpu_configs(js: bool) -> list[triton.Config]:
-    # js holds a (BLOCK_M, BLOCK_N, BLOCK_D) block of s log s, so its BLOCK_D stays small.
-    shapes = [(32, 4), (64, 4), (32, 8), (64, 2)] if js else [(64, 32), (128, 32), (64, 64), (128, 64)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bn, bd in shapes for w, s in ((4, 3), (8, 2))]
+    # js holds a (BLOCK_M, BLOCK_N, BLOCK_D) block of s log s, so its BLOCK_D stays small.  The
+    # first config is the one used without autotuning.  Few configs: each is compiled and timed
+    # once per (d, metric, k) on the real problem.
+    if js:
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=4, num_stages=2)
+                for bn, bd in ((64, 4), (32, 8), (64, 8))]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=3)
+            for bn, bd, w in ((128, 64, 8), (64, 64, 4), (128, 32, 4), (64, 32, 4))]
 
 
-# Fixed blocks for the interpreter: large, so that few programs and loop steps run.
+# TLFAST_TRITON_AUTOTUNE=0 launches the first config instead of tuning (bounded compile time, for
+# tests).  The interpreter cannot autotune: it gets fixed large blocks, so that few programs and
+# loop steps run.
+AUTOTUNE = not INTERPRET and os.environ.get("TLFAST_TRITON_AUTOTUNE", "1") != "0"
 _INTERPRET_META = {"BLOCK_N": 128, "BLOCK_D": 64}
 _INTERPRET_META_JS = {"BLOCK_N": 128, "BLOCK_D": 32}
 
 
 def _tuned(kernel, js: bool, key: list[str]):
-    return kernel if INTERPRET else triton.autotune(configs=_gpu_configs(js), key=key)(kernel)
+    return triton.autotune(configs=_gpu_configs(js), key=key)(kernel) if AUTOTUNE else kernel
 
 
 _KNN_KEY = ["d", "METRIC", "K_PAD", "EXCLUDE_SELF"]
@@ -180,9 +188,14 @@ _pairwise_js = _tuned(_pairwise_kernel, True, ["d", "METRIC"])
 
 
 def _meta(metric: Metric) -> dict:
-    if not INTERPRET:
+    """Launch meta-parameters that autotuning does not supply."""
+    js = metric.name == "js"
+    if INTERPRET:
+        return dict(_INTERPRET_META_JS if js else _INTERPRET_META)
+    if AUTOTUNE:
         return {}
-    return dict(_INTERPRET_META_JS if metric.name == "js" else _INTERPRET_META)
+    cfg = _gpu_configs(js)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 class _Operands:
