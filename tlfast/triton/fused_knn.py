@@ -135,7 +135,8 @@ def _knn_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  # as i
         value = _tile_values(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr, rows, cols,
                              nq, n, d, stride_q, stride_c, METRIC, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         words = pack_words(value, cols, SMALLER_IS_BETTER)
-        invalid = (cols >= col_end)[None, :]
+        # Padding rows are invalid too, so that they never keep the insertion loop running.
+        invalid = (cols >= col_end)[None, :] | (rows >= nq)[:, None]
         if EXCLUDE_SELF:
             invalid = invalid | (rows[:, None] == cols[None, :])
         best = insert_tile(best, tl.where(invalid, _NEVER, words))
