@@ -150,8 +150,9 @@ def _pairwise_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  #
                      nq, n, d, stride_q, stride_c, stride_out,
                      METRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Corpus blocks on grid axis 0 (up to 2**31 - 1; axis 1 stops at 65535).
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     value = _tile_values(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr, rows, cols,
                          nq, n, d, stride_q, stride_c, METRIC, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], value,
@@ -295,7 +296,7 @@ def _launch_pairwise(ops: _Operands, out: torch.Tensor, q_rows: slice, c_rows: s
     nq, d = q.shape
     n = c.shape[0]
     kernel = _pairwise_js if ops.metric.name == "js" else _pairwise_gemm
-    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_M"]))  # noqa: E731
     kernel[grid](q, c, craw, qterm, cterm, czero, out, nq, n, d, q.stride(0), c.stride(0), out.stride(0),
                  METRIC=ops.metric.code, BLOCK_M=64, PRECISION=ops.precision, **_meta(ops.metric))
 
