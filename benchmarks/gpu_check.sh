@@ -19,6 +19,9 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 nvcc --version | tail -1
 
 echo "== build ($(elapsed) s)"
+# No network here: the build needs what --no-build-isolation finds installed.
+"$PY" -c "import setuptools, wheel, pybind11" || { echo "missing build requirement (setuptools, wheel, pybind11)"; exit 1; }
+cmake --version | head -1 || { echo "cmake is missing"; exit 1; }
 # Only this device's architecture: half the nvcc time of the default 80;90.
 cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')"
 export TLFAST_CUDA=ON CMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-${cap:-80;90}}"
