@@ -175,8 +175,10 @@ def test_bfloat16_on_gpu(metric):
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ALL)
 def test_gpu_shapes_and_splits(metric):
-    # Sizes where autotuned blocks, automatic splits and both k paths all run on the device.
+    # Sizes where automatic corpus splits (few queries) and both k paths run on the device.
     for dtype in (torch.float16, torch.float32):
         q, c = inputs(metric, nq=70, n=20011, d=96, dtype=dtype, seed=8)
         for k in (10, 128, 1024):
             assert_knn(q, c, k, metric, *fused_knn.knn(q, c, k, METRICS[metric]))
+    x = c[:3000]
+    assert_knn(x, x, 10, metric, *fused_knn.knn(x, x, 10, METRICS[metric], exclude_self=True), exclude_self=True)
