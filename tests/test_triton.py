@@ -94,20 +94,21 @@ def test_ties_go_to_the_smaller_index(metric):
     # reference's stable order is the only right answer.  Values must be exact for that: ip / l2
     # use small integers (which also tie between different rows); cosine and kl one-hot queries
     # (a product with one non-zero term has no rounding to differ between tile columns); js is
-    # elementwise per (pair, dim), so duplicates agree bit for bit anyway.
+    # elementwise per (pair, dim), so duplicates agree bit for bit anyway.  300 corpus rows span
+    # several tiles and two corpus splits are tried, so tied rows meet across tiles and partials.
     rng = np.random.default_rng(3)
     if metric in ("ip", "l2"):
-        base = rng.integers(-2, 3, (40, D)).astype(np.float64)
+        base = rng.integers(-2, 3, (100, D)).astype(np.float64)
     elif metric == "cosine":
-        base = rng.standard_normal((40, D))
+        base = rng.standard_normal((100, D))
     else:
-        base = rng.dirichlet(np.ones(D), 40)
-    c = torch.from_numpy(base[rng.permutation(np.repeat(np.arange(40), 3))]).float().to(DEVICE)
+        base = rng.dirichlet(np.ones(D), 100)
+    c = torch.from_numpy(base[rng.permutation(np.repeat(np.arange(100), 3))]).float().to(DEVICE)
     q = c[:NQ].clone()
     if metric in ("cosine", "kl"):
         q = torch.eye(D, device=DEVICE)[torch.arange(NQ) % D]
-    for k in (1, 10, 120):
-        values, indices = fused_knn.knn(q, c, k, METRICS[metric])
+    for k, splits in ((1, 1), (10, 2), (120, 1), (200, None)):  # 200: the two-stage path
+        values, indices = fused_knn.knn(q, c, k, METRICS[metric], splits=splits)
         rv, ri = ref.knn(q, c, k, metric)
         torch.testing.assert_close(values.cpu(), rv.cpu(), **TOL[torch.float32])
         assert torch.equal(indices.cpu(), ri.cpu())

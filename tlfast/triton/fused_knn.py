@@ -2,7 +2,7 @@
 
 One program owns BLOCK_M queries and a range of the corpus.  It walks that range in tiles of
 BLOCK_N rows, computes the (BLOCK_M, BLOCK_N) tile of metric values in registers and folds it
-into a running top-k per query (``select.insert_tile``); the tile never reaches global memory.
+into a running top-k per query (``select.merge_tile``); the tile never reaches global memory.
 When there are few query blocks the corpus is split across programs (split-K style) and the
 partial lists are merged by ``select.top_words``.  k above ``FUSED_MAX_K`` takes a two-stage path:
 the same tile kernel writes bounded (query chunk, corpus chunk) tiles that ``torch.topk`` folds
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..metrics import Metric
 from .js import js_epilogue, js_slog2s
-from .select import NEVER, insert_tile, pack_words, pack_words_torch, top_words, unpack_words
+from .select import NEVER, merge_tile, pack_words_torch, top_words, unpack_words
 
 __all__ = ["knn", "pairwise", "FUSED_MAX_K", "INTERPRET"]
 
@@ -134,12 +134,11 @@ def _knn_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  # as i
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         value = _tile_values(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr, rows, cols,
                              nq, n, d, stride_q, stride_c, METRIC, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        words = pack_words(value, cols, SMALLER_IS_BETTER)
         # Padding rows are invalid too, so that they never keep the insertion loop running.
         invalid = (cols >= col_end)[None, :] | (rows >= nq)[:, None]
         if EXCLUDE_SELF:
             invalid = invalid | (rows[:, None] == cols[None, :])
-        best = insert_tile(best, tl.where(invalid, _NEVER, words))
+        best = merge_tile(best, value, cols, invalid, SMALLER_IS_BETTER)
     out = out_ptr + (split.to(tl.int64) * nq + rows[:, None]) * k + slot[None, :]
     tl.store(out, best, mask=(rows[:, None] < nq) & (slot[None, :] < k))
 

@@ -38,6 +38,35 @@ def pack_words(value, cols, SMALLER_IS_BETTER: tl.constexpr):
     return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols).to(tl.int64)[None, :]
 
 
+# The smallest real word: key -inf (ordered 0x807FFFFF), index 2**32 - 1.
+_LOWEST_REAL: tl.constexpr = tl.constexpr(-2139095041 * 2 ** 32)
+
+
+@triton.jit
+def merge_tile(best, value, cols, invalid, SMALLER_IS_BETTER: tl.constexpr):
+    """Fold a tile of metric values into each row's running list (see :func:`insert_tile`).
+
+    best: [M, K_PAD] int64 running list; value: [M, N] float32; cols: [N] int64 corpus indices;
+    invalid: [M, N] bool, entries that must never be picked.
+
+    A float pre-filter keeps most tiles to one compare per entry: an entry can only enter when its
+    key is >= the key of the row's k-th best word (ties may still win on the index), or is NaN.
+    Only if some entry passes is the tile packed into words and inserted.
+    """
+    if SMALLER_IS_BETTER:
+        key = -value
+    else:
+        key = value
+    thr = tl.min(best, 1)
+    hi = (thr >> 32).to(tl.int32)
+    thr_key = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    thr_key = tl.where(thr < _LOWEST_REAL, float("-inf"), thr_key)  # a not yet filled list
+    maybe = ((key >= thr_key[:, None]) | (key != key)) & (invalid == 0)
+    if tl.max(tl.max(maybe.to(tl.int32), 1), 0) > 0:
+        best = insert_tile(best, tl.where(invalid, _NEVER, pack_words(value, cols, SMALLER_IS_BETTER)))
+    return best
+
+
 @triton.jit
 def insert_tile(best, words):
     """Merge a tile of candidate words into each row's running list.
