@@ -76,9 +76,8 @@ def insert_tile(best, words):
     words: [M, N] int64, this tile's candidates (NEVER where invalid).
 
     Each round moves every row's best remaining candidate into the slot of its current minimum,
-    while some row still has a candidate above its threshold.  After the first tiles a row rarely
-    has any, so most tiles cost one compare and one reduction; no round is ever spent on a row
-    whose tile cannot improve it.
+    while some row still has a candidate above its threshold: as many rounds as the busiest row
+    has entries that enter (at most k per tile, and after the first tiles usually none or one).
     """
     thr = tl.min(best, 1)
     cand = words > thr[:, None]
