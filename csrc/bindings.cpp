@@ -9,6 +9,10 @@
 #include "cpu/check_rows.h"
 #include "cpu/knn.h"
 #include "cuda/device.h"
+#ifdef TLFAST_WITH_CUDA
+#include "cuda/divergence.h"
+#include "cuda/select_k.h"
+#endif
 
 namespace py = pybind11;
 using tlfast::cpu::Metric;
@@ -98,6 +102,49 @@ py::tuple cuda_device_count() {
 #endif
 }
 
+#ifdef TLFAST_WITH_CUDA
+// CUDA entry points take raw device pointers (tensor.data_ptr()) and the caller's stream
+// (torch.cuda.current_stream().cuda_stream): no copies, no synchronisation.  Pointers are checked
+// to be device memory; sizes are checked by the launchers.
+void require_device() {
+  std::string why;
+  if (tlfast::cuda::device_count(&why) == 0) throw std::runtime_error("no usable CUDA device: " + why);
+}
+
+void select_k_cuda(uintptr_t tile, int64_t ld, int64_t rows, int64_t cols, int64_t col_base, uintptr_t qterm,
+                   uintptr_t cterm, int epilogue, bool smaller_is_better, int64_t exclude_row_base,
+                   bool has_prior, int64_t k, uintptr_t values, uintptr_t indices, uintptr_t stream) {
+  require_device();
+  if (epilogue < 0 || epilogue > 2) throw py::value_error("epilogue must be 0 (none), 1 (cosine) or 2 (l2)");
+  const auto ep = static_cast<tlfast::cuda::Epilogue>(epilogue);
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(tile), "tile");
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(values), "values");
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(indices), "indices");
+  if (ep != tlfast::cuda::Epilogue::NONE) {
+    tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(qterm), "qterm");
+    tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(cterm), "cterm");
+  }
+  py::gil_scoped_release release;
+  tlfast::cuda::select_k(reinterpret_cast<const float*>(tile), ld, rows, cols, col_base,
+                         reinterpret_cast<const float*>(qterm), reinterpret_cast<const float*>(cterm), ep,
+                         smaller_is_better, exclude_row_base, has_prior, k, reinterpret_cast<float*>(values),
+                         reinterpret_cast<int64_t*>(indices), stream);
+}
+
+void divergence_cuda(uintptr_t q, int64_t ldq, int64_t nq, uintptr_t c, int64_t ldc, int64_t n, int64_t d,
+                     int dtype, int metric, uintptr_t out, int64_t ldo, uintptr_t stream) {
+  require_device();
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(q), "queries");
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(c), "corpus");
+  tlfast::cuda::check_device_pointer(reinterpret_cast<const void*>(out), "out");
+  py::gil_scoped_release release;
+  tlfast::cuda::divergence_tile(reinterpret_cast<const void*>(q), ldq, nq, reinterpret_cast<const void*>(c), ldc,
+                                n, d, static_cast<tlfast::cuda::DType>(dtype),
+                                static_cast<tlfast::cuda::Divergence>(metric), reinterpret_cast<float*>(out), ldo,
+                                stream);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -118,4 +165,17 @@ PYBIND11_MODULE(_C, m) {
         "2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): CUDA devices visible to the runtime, and why there are none.");
+#ifdef TLFAST_WITH_CUDA
+  m.attr("cuda_max_select_k") = tlfast::cuda::kMaxSelectK;
+  m.def("select_k_cuda", &select_k_cuda, py::arg("tile"), py::arg("ld"), py::arg("rows"), py::arg("cols"),
+        py::arg("col_base"), py::arg("qterm"), py::arg("cterm"), py::arg("epilogue"), py::arg("smaller_is_better"),
+        py::arg("exclude_row_base"), py::arg("has_prior"), py::arg("k"), py::arg("values"), py::arg("indices"),
+        py::arg("stream"),
+        "Merge each row of a float32 tile (epilogue 0 none / 1 cosine / 2 l2 applied on read) into the "
+        "row's running k best (values float32 [rows, k], indices int64 [rows, k]) in place; k <= 2048.");
+  m.def("divergence_cuda", &divergence_cuda, py::arg("queries"), py::arg("ldq"), py::arg("nq"), py::arg("corpus"),
+        py::arg("ldc"), py::arg("n"), py::arg("d"), py::arg("dtype"), py::arg("metric"), py::arg("out"),
+        py::arg("ldo"), py::arg("stream"),
+        "float32 [nq, n] tile of KL (metric 3) or JS (metric 4) for dtype 0 f32 / 1 f16 / 2 bf16 rows.");
+#endif
 }

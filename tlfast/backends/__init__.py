@@ -24,13 +24,15 @@ class BackendInfo(NamedTuple):
 
 
 # Every backend name, in registry order; each lives in tlfast/backends/<name>.py.
-NAMES: tuple[str, ...] = ("reference", "cpu")
+NAMES: tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 
 # What `auto` tries per device type, fastest first, from benchmarks/results (cpu: the fused C++
 # kernels beat the reference by 30-700x on every standard case; see benchmarks/results/cpu-*.md).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("reference",),
+    # GPU order not yet measured (no GPU run so far): the fused Triton kernels first, then the
+    # CUDA C++ kernels; replace with the order benchmarks/results/gpu-*.md shows.
+    "cuda": ("triton", "cuda", "reference"),
 }
 
 
