@@ -14,4 +14,4 @@ python -m pip install -q --upgrade "pip>=23.2"
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.4,<2.14"
 if [ -z "${TLFAST_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then export TLFAST_CUDA=ON; fi
 python -m pip install -q ".${extras:+[$extras]}"
-python -c "import tlfast; print('tlfast', tlfast.__version__, {k: v.available for k, v in tlfast.backends().items()})"
+(cd / && python -c "import tlfast; print('tlfast', tlfast.__version__, {k: v.available for k, v in tlfast.backends().items()})")

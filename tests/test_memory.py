@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +28,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def peak_extra(**kw) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(**kw)], capture_output=True, text=True, timeout=600)
+    # run outside the checkout so that the installed tlfast (with its built extension) is imported
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(**kw)], capture_output=True, text=True, timeout=600,
+                         cwd=Path(tempfile.gettempdir()))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
