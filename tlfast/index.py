@@ -177,18 +177,19 @@ class Index:
                              f"available here ({exc}); use kind='flat' for exact search") from exc
         return ann
 
-    def _push_ids(self, ids: Any, n: int) -> None:
+    def _ids_after_add(self, ids: Any, n: int) -> list[np.ndarray] | None:
+        """The id table once ``n`` rows with ``ids`` are added (validated; the index is not touched)."""
         if ids is None:
-            if self._ids is not None:
-                self._ids.append(np.arange(self._count, self._count + n, dtype=np.int64))
-            return
+            if self._ids is None:
+                return None
+            return [*self._ids, np.arange(self._count, self._count + n, dtype=np.int64)]
         new = _as_ids(ids, n)
         if np.unique(new).size != n:
             raise ValueError("ids contain duplicates; every vector needs its own id")
         old = self._ids if self._ids is not None else [np.arange(self._count, dtype=np.int64)]
         if self._count and np.isin(new, np.concatenate(old)).any():
             raise ValueError("ids repeat ids already in the index; every vector needs its own id")
-        self._ids = [*old, new] if self._count else [new]
+        return [*old, new] if self._count else [new]
 
     def train(self, x: Any) -> "Index":
         """Train an approximate index (clustering, codebooks) on representative vectors ``x``.
@@ -215,17 +216,16 @@ class Index:
         """
         t = self._prepare(x, "x")
         n = t.shape[0]
+        new_ids = self._ids_after_add(ids, n)
         if self.kind == "flat":
-            seg = self._to_storage(t, "x")
-            self._push_ids(ids, n)
-            self._segments.append(seg)
+            self._segments.append(self._to_storage(t, "x"))
         else:
             self._ensure_ann(t.shape[1])
-            self._push_ids(ids, n)
             host = t.to("cpu", torch.float32).contiguous().numpy()
             if not self._ann.is_trained:
                 self._ann.train(host)
             self._ann.add(host)
+        self._ids = new_ids
         self.dim = t.shape[1]
         self._count += n
         return self
