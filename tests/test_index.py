@@ -236,14 +236,12 @@ def test_from_store_searches_memory_mapped_shards(tmp_path):
         Index.from_store(object())
 
 
-def test_real_feature_store_when_available(tmp_path):
-    if not hasattr(tlfast, "FeatureStore"):
-        pytest.skip("tlfast.FeatureStore (extraction stage) is not in this build")
-    pytest.importorskip("tlfast.extract")
-    from tlfast.extract.store import write_store  # noqa: F401 - exercised in test_cli too
-
+def test_real_feature_store(tmp_path):
+    store_mod = pytest.importorskip("tlfast.store")  # the extraction stage (branch issue-4)
     q, c = _np("l2", 5, 300, 8, seed=7)
-    store = write_store(tmp_path / "fs", c, shard_size=64)
+    _write_feature_store(store_mod, tmp_path / "fs", c, shard_size=64)
+    store = tlfast.FeatureStore(tmp_path / "fs")
+    assert store.num_shards == 5
     index = Index.from_store(store, "l2")
     np.testing.assert_array_equal(index.search(q, 6, memory_budget=c.nbytes // 4).indices,
                                   tlfast.knn(q, c, 6, "l2").indices)
@@ -263,7 +261,7 @@ class _ExactANN:
         self.is_trained = True
 
     def add(self, x):
-        assert self.is_trained
+        self.is_trained = True  # tlfast.ann trains itself on the first add large enough
         self.data = np.concatenate([self.data, x])
 
     def search(self, q, k, nprobe=1):
@@ -280,7 +278,7 @@ class _ExactANN:
         return ["ann.npy"]
 
     def params(self):
-        return {"nlist": self.nlist}
+        return {"kind": "ivf", "metric": self.metric, "dim": self.dim, "nlist": self.nlist}
 
 
 @pytest.fixture
@@ -289,7 +287,7 @@ def fake_ann(monkeypatch):
     mod.make_index = lambda kind, metric, dim, **params: _ExactANN(metric, dim, **params)
 
     def load_index(kind, directory, meta):
-        obj = _ExactANN(meta["metric"], meta["dim"], **meta["params"])
+        obj = _ExactANN(meta["metric"], meta["dim"], nlist=meta["nlist"])
         obj.is_trained, obj.data = True, np.load(f"{directory}/ann.npy")
         return obj
 
@@ -310,7 +308,7 @@ def test_approximate_kind_delegates_and_persists(fake_ann, tmp_path):
         index.search(q, 4, memory_budget="1MB")
     path = index.save(tmp_path / "ivf")
     meta = json.loads((path / "manifest.json").read_text())
-    assert meta["kind"] == "ivf" and meta["params"] == {"nlist": 8} and set(meta["files"]) == {"ann.npy", "ids.npy"}
+    assert meta["kind"] == "ivf" and meta["params"]["nlist"] == 8 and set(meta["files"]) == {"ann.npy", "ids.npy"}
     loaded = Index.load(path)
     np.testing.assert_array_equal(loaded.search(q, 4).indices, got.indices)
     (path / "ann.npy").write_bytes((path / "ann.npy").read_bytes()[:-8])
@@ -323,6 +321,23 @@ def test_padding_of_approximate_results_maps_to_minus_one(fake_ann):
     index._ann.data = index._ann.data[:2]  # the approximate index can return fewer than k
     res = index.search(np.eye(3, dtype=np.float32)[:1], 3)
     assert res.indices[0].tolist() == [7, 8, -1]
+
+
+def test_real_approximate_index_round_trip(tmp_path):
+    """With tlfast.ann (the faiss integration) present: ids, save/load and the manifest around it."""
+    ann = pytest.importorskip("tlfast.ann")
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(10)
+    centres = rng.standard_normal((20, 16)).astype(np.float32)
+    c = centres[rng.integers(0, 20, 2000)] + 0.05 * rng.standard_normal((2000, 16)).astype(np.float32)
+    ids = rng.permutation(10_000)[:2000]
+    index = Index("cosine", kind="ivf", nlist=16).add(c, ids=ids)
+    assert index._ann.is_trained and isinstance(index._ann, ann.FaissIndex)
+    exact = Index("cosine").add(c, ids=ids).search(c[:50], 5)
+    got = index.search(c[:50], 5, nprobe=16)  # every list probed: exact
+    np.testing.assert_array_equal(got.indices, exact.indices)
+    loaded = Index.load(index.save(tmp_path / "ivf"))
+    np.testing.assert_array_equal(loaded.search(c[:50], 5, nprobe=16).indices, got.indices)
 
 
 def test_unknown_kind_without_ann_module_is_a_clear_error(monkeypatch):

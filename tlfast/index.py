@@ -194,13 +194,13 @@ class Index:
     def train(self, x: Any) -> "Index":
         """Train an approximate index (clustering, codebooks) on representative vectors ``x``.
 
-        ``add`` trains on its first batch when this was not called; a flat index needs no training.
+        Optional: an approximate index trains itself once ``add`` has given it enough rows (and is
+        searched exactly until then).  A flat index needs no training.
         """
         t = self._prepare(x, "x")
-        if self.kind == "flat":
-            return self
-        self._ensure_ann(t.shape[1])
-        self._ann.train(t.to("cpu", torch.float32).contiguous().numpy())
+        if self.kind != "flat":
+            self._ensure_ann(t.shape[1])
+            self._ann.train(t.to("cpu", torch.float32).contiguous().numpy())
         return self
 
     def _ensure_ann(self, dim: int) -> None:
@@ -221,10 +221,7 @@ class Index:
             self._segments.append(self._to_storage(t, "x"))
         else:
             self._ensure_ann(t.shape[1])
-            host = t.to("cpu", torch.float32).contiguous().numpy()
-            if not self._ann.is_trained:
-                self._ann.train(host)
-            self._ann.add(host)
+            self._ann.add(t.to("cpu", torch.float32).contiguous().numpy())
         self._ids = new_ids
         self.dim = t.shape[1]
         self._count += n
@@ -233,8 +230,9 @@ class Index:
     @classmethod
     def from_store(cls, store: Any, metric: str = "cosine", *, device: str | torch.device = "cpu",
                    validate: bool = True) -> "Index":
-        """An exact index over a ``tlfast.FeatureStore`` (or any object with ``len``, slicing and
-        ``shards()`` yielding (rows, dim) arrays), without copying: each memory-mapped shard becomes
+        """An exact index over a ``tlfast.FeatureStore`` (or any object with ``len`` and slicing, and
+        ``shards()`` or ``num_shards`` + ``shard(i)`` giving (rows, dim) arrays), without copying: each
+        memory-mapped shard becomes
         a segment, so the store may be larger than memory (search it with ``memory_budget``).
 
         The storage dtype is the store's (float32 / float16); ``validate`` scans the shards once
@@ -243,7 +241,12 @@ class Index:
         if not hasattr(store, "__len__"):
             raise TypeError(f"store must be a FeatureStore-like object with len() and shards(), "
                             f"got {type(store).__name__}")
-        shards = store.shards() if hasattr(store, "shards") else (store[i:i + 65536] for i in range(0, len(store), 65536))
+        if hasattr(store, "shards"):
+            shards = store.shards()
+        elif hasattr(store, "num_shards") and hasattr(store, "shard"):  # tlfast.FeatureStore
+            shards = (store.shard(i) for i in range(store.num_shards))
+        else:
+            shards = (store[i:i + 65536] for i in range(0, len(store), 65536))
         index: Index | None = None
         for i, shard in enumerate(shards):
             t, _ = as_tensor(shard, f"store shard {i}")
@@ -475,8 +478,7 @@ class Index:
             if verify and _sha256(f) != rec["sha256"]:
                 raise ValueError(f"index file {name!r} in {path} is corrupted (sha256 mismatch); re-save the index")
         count, dim, dtype = int(meta["count"]), int(meta["dim"]), meta["dtype"]
-        params = meta["params"] if meta["kind"] != "flat" else {}
-        index = cls(meta["metric"], dim=dim, dtype=dtype, device=device, kind=meta["kind"], **params)
+        index = cls(meta["metric"], dim=dim, dtype=dtype, device=device, kind=meta["kind"])
         if index.kind == "flat":
             arr = np.load(path / _VECTORS, mmap_mode="r" if mmap else None, allow_pickle=False)
             if arr.shape != (count, dim) or arr.dtype != _NPY_DTYPE[dtype]:
@@ -490,7 +492,9 @@ class Index:
             index._segments = [t if (mmap or index.device.type == "cpu") else t.to(index.device)]
             index._mapped = mmap
         else:
-            index._ann = index._ann_module().load_index(index.kind, str(path), meta)
+            # ``params`` is the approximate index's own params() from save time, as load_index expects.
+            index.params = dict(meta["params"])
+            index._ann = index._ann_module().load_index(index.kind, str(path), index.params)
         if _IDS in meta["files"]:
             ids = np.load(path / _IDS, allow_pickle=False)
             if ids.shape != (count,):
