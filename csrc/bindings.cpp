@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "cpu/check_rows.h"
 #include "cpu/knn.h"
 #include "cuda/device.h"
 
@@ -69,6 +70,24 @@ py::array_t<float> pairwise_cpu(const py::array& q, const py::array& c, int metr
   return out;
 }
 
+py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
+  if (x.ndim() != 2) throw py::value_error("x must be 2-D (rows, dim)");
+  if (!(x.flags() & py::array::c_style)) throw py::value_error("x must be C-contiguous");
+  if (x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be non-empty");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const bool f32 = x.dtype().is(py::dtype::of<float>());
+  if (!f32 && !x.dtype().is(py::dtype::of<double>())) throw py::type_error("x must be a float32 or float64 array");
+  const int64_t n = x.shape(0), d = x.shape(1);
+  const void* data = x.data();
+  tlfast::cpu::RowCheckResult r;
+  {
+    py::gil_scoped_release release;
+    r = f32 ? tlfast::cpu::check_rows<float>(static_cast<const float*>(data), n, d, checks, tol, threads)
+            : tlfast::cpu::check_rows<double>(static_cast<const double*>(data), n, d, checks, tol, threads);
+  }
+  return py::make_tuple(r.row, r.problem, r.row_sum);
+}
+
 py::tuple cuda_device_count() {
 #ifdef TLFAST_WITH_CUDA
   std::string why;
@@ -94,6 +113,9 @@ PYBIND11_MODULE(_C, m) {
         "Fused kNN on float32 C-contiguous arrays -> (values float32 (nq, k), indices int64 (nq, k)).");
   m.def("pairwise_cpu", &pairwise_cpu, py::arg("queries"), py::arg("corpus"), py::arg("metric"),
         py::arg("threads"), "Full (nq, n) float32 matrix of metric values.");
+  m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
+        "One pass over rows: (first bad row or -1, problem code, that row's sum). checks: 1 finite, "
+        "2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): CUDA devices visible to the runtime, and why there are none.");
 }
