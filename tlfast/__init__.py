@@ -6,9 +6,11 @@
     tlfast.backends()                                            # what runs here, and why not
 """
 from .backends import BackendInfo
+from .extract import Extractor
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
+from .store import FeatureStore
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__"]
+__all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__"]
