@@ -6,15 +6,18 @@
     tlfast.backends()                                            # what runs here, and why not
 """
 from .backends import BackendInfo
+from .extract import Extractor
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
+from .store import FeatureStore
 from . import domain
 from .index import Index
 from .match import Matches, match
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__",
+__all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn",
+           "pairwise", "__version__",
            "Index", "KNNClassifier", "LinearProbe", "Matches", "domain", "match", "transfer"]
 
 # The training stage needs scikit-learn (the `train` extra): imported on first use, so that
