@@ -43,15 +43,19 @@ class _Timer:
         return out
 
 
-def _digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(source images, source labels, target images, target labels): a random half each, [0, 1]."""
+def _digits(seed: int, per_domain: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(source images, source labels, target images, target labels): a random half each (or
+    ``per_domain`` digits each), values in [0, 1]."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(X))
-    half = len(X) // 2
+    half = len(X) // 2 if per_domain is None else per_domain
+    if not 10 <= half <= len(X) // 2:
+        raise ValueError(f"per_domain must be between 10 and {len(X) // 2}, got {per_domain}")
     images = (X / 16.0).reshape(-1, 8, 8)
-    return images[order[:half]], y[order[:half]], images[order[half:]], y[order[half:]]
+    src, tgt = order[:half], order[half:2 * half if per_domain else None]
+    return images[src], y[src], images[tgt], y[tgt]
 
 
 def _as_rgb_uint8(images: np.ndarray) -> np.ndarray:
@@ -78,11 +82,12 @@ def _backbone() -> tuple[Any, str | None]:
 
 
 def run_demo(out: str | os.PathLike = "tlfast-demo-out", *, backbone: str = "auto", seed: int = 0,
-             log: Callable[[str], None] = print) -> dict:
+             per_domain: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the demo, write ``demo.png``, ``report.md`` and ``results.json`` into ``out``; returns the results.
 
     ``backbone``: "auto" (EfficientNet-Lite0 when its packages are installed, else raw pixels),
-    "efficientnet_lite0" (error when missing) or "raw".
+    "efficientnet_lite0" (error when missing) or "raw".  ``per_domain``: digits per domain (default:
+    all 1,797 split in two halves).
     """
     if backbone not in ("auto", "efficientnet_lite0", "raw"):
         raise ValueError(f"backbone must be 'auto', 'efficientnet_lite0' or 'raw', got {backbone!r}")
@@ -95,7 +100,7 @@ def run_demo(out: str | os.PathLike = "tlfast-demo-out", *, backbone: str = "aut
 
     out = Path(out)
     timer = _Timer()
-    src_img, src_y, tgt_img, tgt_y = _digits(seed)
+    src_img, src_y, tgt_img, tgt_y = _digits(seed, per_domain)
     extractor, why = (None, "backbone='raw' was asked for") if backbone == "raw" else _backbone()
     if extractor is None and backbone == "efficientnet_lite0":
         raise RuntimeError(f"the EfficientNet-Lite0 backbone is unavailable: {why}")
