@@ -17,7 +17,9 @@ several tied candidates survives at the k-th place is not specified.  This adapt
 tlfast's contract — best first, ties toward the smaller corpus index, identical indices to the other
 backends wherever values are exactly equal — by asking faiss for one candidate more than needed,
 widening the request for the queries whose last candidate ties the k-th, and ordering each row by
-(value, index).
+(value, index).  "Equal" means equal in faiss's float32 values: mathematically equal
+cosines of duplicated rows can differ by an ulp after sgemm, and then their order follows the
+rounding (as it does between tlfast's own backends).
 
 CPU tensors reach faiss as zero-copy numpy views (what ``faiss.contrib.torch_utils`` also does for
 CPU tensors); the faiss-cpu wheel has no GPU code, so this backend runs on ``cpu`` only and ``auto``
