@@ -33,6 +33,11 @@ def data(metric, n, d, seed=0):
     return dirichlet_mixture(n, d, seed=seed) if metric in ("kl", "js") else clustered(n, d, seed=seed)
 
 
+def meta(index):
+    """What tlfast.Index keeps in its manifest for load_index."""
+    return {"metric": index.metric.name, "dim": index.dim, "count": len(index), "params": index.params()}
+
+
 def recall(found, exact):
     return np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)])
 
@@ -123,7 +128,7 @@ def test_explicit_train_then_add():
     x = clustered(3000, 16)
     index = ann.make_index("ivfpq", "l2", 16, nlist=8, m=4, nbits=4)
     with pytest.raises(ValueError, match="needs at least"):
-        index.train(x[:100])
+        index.train(x[:10])  # 16 codewords per sub-quantiser need 16 rows
     index.train(x)
     assert index.is_trained and len(index) == 0
     with pytest.raises(ValueError, match="already trained"):
@@ -144,9 +149,8 @@ def test_save_load_gives_identical_results(tmp_path, kind, metric, params):
     index.add(x)
     files = index.save(str(tmp_path))
     assert sorted(files) == sorted(os.listdir(tmp_path))  # no temp files left behind
-    meta = index.params()
-    loaded = ann.load_index(kind, str(tmp_path), meta)
-    assert len(loaded) == len(index) and loaded.params() == meta
+    loaded = ann.load_index(kind, str(tmp_path), meta(index))
+    assert len(loaded) == len(index) and loaded.params() == index.params()
     for a, b in zip(index.search(q, 7), loaded.search(q, 7)):
         np.testing.assert_array_equal(a, b)
     loaded.add(x[:3])  # a loaded index keeps working
@@ -159,8 +163,8 @@ def test_save_load_keeps_untrained_rows(tmp_path):
     index.add(x)
     assert not index.is_trained
     files = index.save(str(tmp_path))
-    loaded = ann.load_index("ivf", str(tmp_path), index.params())
-    assert files == ["pending.npy"] and len(loaded) == 200
+    loaded = ann.load_index("ivf", str(tmp_path), meta(index))
+    assert files == ["ann_pending.npy"] and len(loaded) == 200
     for a, b in zip(index.search(x[:4], 3), loaded.search(x[:4], 3)):
         np.testing.assert_array_equal(a, b)
 
@@ -171,15 +175,17 @@ def test_corrupted_or_mismatched_files_are_rejected(tmp_path, kind, metric, para
     index = ann.make_index(kind, metric, 16, **params)
     index.add(x)
     files = index.save(str(tmp_path))
-    meta = index.params()
+    saved = meta(index)
     biggest = max(files, key=lambda f: os.path.getsize(tmp_path / f))
     blob = (tmp_path / biggest).read_bytes()
     (tmp_path / biggest).write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.raises(ValueError, match="corrupted"):
-        ann.load_index(kind, str(tmp_path), meta)
+        ann.load_index(kind, str(tmp_path), saved)
     (tmp_path / biggest).write_bytes(blob)
     with pytest.raises(ValueError, match="corrupted|misplaced"):
-        ann.load_index(kind, str(tmp_path), {**meta, "ntotal": meta["ntotal"] + 1})
+        ann.load_index(kind, str(tmp_path), {**saved, "count": saved["count"] + 1})
+    with pytest.raises(ValueError, match="dimension|does not match|expected"):
+        ann.load_index(kind, str(tmp_path), {**saved, "dim": 8})
     with pytest.raises(ValueError, match="malformed"):
         ann.load_index(kind, str(tmp_path), {"metric": metric})
 

@@ -7,8 +7,9 @@ the manifest and checksums, and talks to these objects through one small interfa
     obj.is_trained
     obj.add(x)                   # rows get positions len(obj), len(obj) + 1, ...
     obj.search(q, k, **search_params) -> (values float32 (nq, k), positions int64 (nq, k))
-    len(obj), obj.params(), obj.save(directory) -> [file names]
-    load_index(kind, directory, meta=obj.params())
+    len(obj), obj.params() -> JSON-able build parameters (ones chosen at train time filled in)
+    obj.save(directory) -> [file names written into directory]
+    load_index(kind, directory, {"metric": ..., "dim": ..., "count": len(obj), "params": obj.params()})
 
 Kinds and metrics:
 
@@ -58,13 +59,13 @@ _BUILD_PARAMS = {
 _SEARCH_PARAMS = {"ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("ef_search",)}
 # Lloyd's k-means wants >= 39 training rows per centroid (faiss warns below that).
 _ROWS_PER_CENTROID = 39
-# Rows an index without an explicit nlist waits for before it trains itself.
+# Rows an index without an explicit nlist waits for before add() trains it by itself.
 _MIN_AUTO_TRAIN = 1024
 # Default probes of 4·√n lists: nprobe 16 reaches recall@10 ~0.98 on clustered vectors
 # (DESIGN.md); for kl on clustered Dirichlet data nprobe 8 reaches ~0.99 (benchmarks/results/ann-cpu.md).
 _DEFAULT_NPROBE = {"faiss": 16, "probability": 8}
-_FILE = {"faiss": "faiss.index", "pending": "pending.npy", "centroids": "centroids.npy",
-         "vectors": "vectors.npy", "lists": "lists.npy"}
+_FILE = {"faiss": "faiss.index", "pending": "ann_pending.npy", "centroids": "ann_centroids.npy",
+         "vectors": "ann_vectors.npy", "lists": "ann_lists.npy"}
 
 
 def default_nlist(n: int) -> int:
@@ -136,7 +137,8 @@ class _ApproximateIndex:
     def _add(self, x: np.ndarray) -> None: raise NotImplementedError
     def _search(self, q: np.ndarray, k: int, **sp) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
     def _ntotal(self) -> int: raise NotImplementedError
-    def _train_size(self) -> int: raise NotImplementedError
+    def _train_size(self) -> int: raise NotImplementedError  # rows add() waits for (39 per centroid)
+    def _min_train_rows(self) -> int: raise NotImplementedError  # fewer cannot be clustered at all
     @property
     def is_trained(self) -> bool: raise NotImplementedError
 
@@ -160,9 +162,10 @@ class _ApproximateIndex:
         if self.is_trained:
             raise ValueError(f"this {self.kind} index is already trained; build a new index to retrain")
         x = self.rows(x, "x")
-        if len(x) < self._train_size():
+        if len(x) < self._min_train_rows():
             raise ValueError(f"x has {len(x)} rows; training this {self.kind} index needs at least "
-                             f"{self._train_size()} (lower nlist / nbits or pass more rows)")
+                             f"{self._min_train_rows()} (one per centroid; {self._train_size()} for good "
+                             f"centroids): lower nlist / nbits or pass more rows")
         self._train(x)
         self._flush()
 
@@ -213,10 +216,8 @@ class _ApproximateIndex:
         return values, positions
 
     def params(self) -> dict:
-        return {"kind": self.kind, "metric": self.metric.name, "dim": self.dim, "ntotal": len(self),
-                "is_trained": self.is_trained, **self._params()}
-
-    def _params(self) -> dict: raise NotImplementedError
+        """Build parameters (JSON-able), with those chosen at train time (nlist) filled in."""
+        raise NotImplementedError
 
     def save(self, directory: str) -> list[str]:
         """Write the index into ``directory`` (each file via a temp file and a rename)."""
@@ -227,10 +228,11 @@ class _ApproximateIndex:
 
     def _save(self, directory: str) -> list[str]: raise NotImplementedError
 
-    def _load_pending(self, directory: str, meta: dict) -> None:
-        missing = int(meta["ntotal"]) - self._ntotal()
-        if missing:
-            self._pending = [_load_npy(directory, _FILE["pending"], np.float32, (missing, self.dim))]
+    def _load(self, directory: str) -> None: raise NotImplementedError
+
+    def _load_pending(self, directory: str) -> None:
+        if os.path.exists(os.path.join(directory, _FILE["pending"])):
+            self._pending = [_load_npy(directory, _FILE["pending"], np.float32, (None, self.dim))]
 
 
 class FaissIndex(_ApproximateIndex):
@@ -277,6 +279,9 @@ class FaissIndex(_ApproximateIndex):
         codes = (1 << self.nbits) * _ROWS_PER_CENTROID if self.kind == "ivfpq" else 0
         return max(lists, codes)
 
+    def _min_train_rows(self) -> int:
+        return max(self.nlist or 1, (1 << self.nbits) if self.kind == "ivfpq" else 1)
+
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self.metric.name == "cosine":
             x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -308,7 +313,7 @@ class FaissIndex(_ApproximateIndex):
         values, positions = self.index.search(self._prepare(q), k, params=params)
         return values, positions
 
-    def _params(self) -> dict:
+    def params(self) -> dict:
         p = {"ivf": {"nlist": self.nlist, "nprobe": self.nprobe},
              "ivfpq": {"nlist": self.nlist, "nprobe": self.nprobe, "m": self.m, "nbits": self.nbits},
              "hnsw": {"M": self.M, "ef_search": self.ef_search, "ef_construction": self.ef_construction}}
@@ -328,9 +333,9 @@ class FaissIndex(_ApproximateIndex):
             raise
         return [_FILE["faiss"]]
 
-    def _load(self, directory: str, meta: dict) -> None:
+    def _load(self, directory: str) -> None:
         path = os.path.join(directory, _FILE["faiss"])
-        if meta["is_trained"]:
+        if os.path.exists(path):
             try:
                 index = self._faiss.read_index(path)
             except RuntimeError as exc:
@@ -338,13 +343,12 @@ class FaissIndex(_ApproximateIndex):
                                  f"index") from exc
             expected = {"ivf": self._faiss.IndexIVFFlat, "ivfpq": self._faiss.IndexIVFPQ,
                         "hnsw": self._faiss.IndexHNSWFlat}[self.kind]
-            if (not isinstance(index, expected) or index.d != self.dim or index.metric_type != self._metric_code
-                    or index.ntotal > int(meta["ntotal"])):
+            if not isinstance(index, expected) or index.d != self.dim or index.metric_type != self._metric_code:
                 raise ValueError(f"index file {path} holds a {type(index).__name__} (dim {index.d}, "
                                  f"{index.ntotal} rows) that does not match this index's metadata "
                                  f"(kind={self.kind!r}, dim {self.dim}); it is corrupted or misplaced")
             self.index = index
-        self._load_pending(directory, meta)
+        self._load_pending(directory)
 
 
 class ProbabilityIVF(_ApproximateIndex):
@@ -379,6 +383,9 @@ class ProbabilityIVF(_ApproximateIndex):
 
     def _train_size(self) -> int:
         return self.nlist * _ROWS_PER_CENTROID if self.nlist else _MIN_AUTO_TRAIN
+
+    def _min_train_rows(self) -> int:
+        return self.nlist or 1
 
     def _nearest(self, x: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         v, i = _exact_backend().knn(torch.from_numpy(x), torch.from_numpy(centroids), k, self.metric, False)
@@ -450,7 +457,7 @@ class ProbabilityIVF(_ApproximateIndex):
         values, pos = sort_best_first(cand_v, cand_p, larger_is_better=False)
         return values[:, :k], pos[:, :k]
 
-    def _params(self) -> dict:
+    def params(self) -> dict:
         return {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
 
     def _save(self, directory: str) -> list[str]:
@@ -463,8 +470,8 @@ class ProbabilityIVF(_ApproximateIndex):
             files.append(_atomic_save_npy(directory, _FILE["lists"], lists.astype(np.int64)))
         return files
 
-    def _load(self, directory: str, meta: dict) -> None:
-        if meta["is_trained"]:
+    def _load(self, directory: str) -> None:
+        if os.path.exists(os.path.join(directory, _FILE["centroids"])):
             self.centroids = _load_npy(directory, _FILE["centroids"], np.float32, (self.nlist, self.dim))
             lists_file = os.path.join(directory, _FILE["lists"])
             if os.path.exists(lists_file):
@@ -474,10 +481,7 @@ class ProbabilityIVF(_ApproximateIndex):
                     raise ValueError(f"index file {lists_file} names lists outside [0, {self.nlist}); "
                                      f"it is corrupted")
                 self._chunks = [(data, lists)]
-            if self._ntotal() > int(meta["ntotal"]):
-                raise ValueError(f"index files in {directory} hold {self._ntotal()} rows but the "
-                                 f"metadata says {meta['ntotal']}; they are corrupted or misplaced")
-        self._load_pending(directory, meta)
+        self._load_pending(directory)
 
 
 def _check_kind_metric(kind: Any, metric: str | Metric) -> Metric:
@@ -505,20 +509,20 @@ def make_index(kind: str, metric: str | Metric, dim: int, **params) -> _Approxim
 
 
 def load_index(kind: str, directory: str, meta: dict) -> _ApproximateIndex:
-    """The index that ``save(directory)`` wrote; ``meta`` is its ``params()`` from that time."""
+    """The index that ``save(directory)`` wrote.
+
+    ``meta``: ``{"metric", "dim", "params": obj.params()}`` and optionally ``"count": len(obj)``,
+    checked against the files (tlfast.Index passes its manifest, which holds these keys).
+    """
     try:
-        m = _check_kind_metric(kind, meta["metric"])
-        build = {p: meta.get(p) for p in _BUILD_PARAMS[kind] if p in meta}
-        if m.domain == "simplex":
-            build["seed"] = meta.get("seed", 0)
-        obj = make_index(kind, m, int(meta["dim"]), **build)
-        if meta.get("kind", kind) != kind:
-            raise ValueError(f"metadata describes a {meta['kind']!r} index, not {kind!r}")
-        obj._load(directory, meta)
+        params = dict(meta["params"])
+        obj = make_index(kind, meta["metric"], int(meta["dim"]), **params)
+        count = meta.get("count")
     except (KeyError, TypeError) as exc:
         raise ValueError(f"index metadata {json.dumps(meta, default=str)[:200]} is incomplete or "
                          f"malformed ({exc!r}); rebuild the index") from exc
-    if len(obj) != int(meta["ntotal"]):
+    obj._load(directory)
+    if count is not None and len(obj) != int(count):
         raise ValueError(f"index files in {directory} hold {len(obj)} rows but the metadata says "
-                         f"{meta['ntotal']}; they are corrupted or misplaced")
+                         f"{count}; they are corrupted or misplaced")
     return obj
