@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._native import _C
 from .metrics import SIMPLEX_TOL, Metric, get_metric
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,32 +73,56 @@ def _row_chunks(t: torch.Tensor):
         yield start, t[start:start + _SCAN_ROWS]
 
 
-def check_domain(t: torch.Tensor, name: str, metric: Metric) -> None:
-    """Finite values everywhere; non-zero rows for cosine; probability rows for kl / js."""
+_FINITE, _NONZERO, _SIMPLEX = 1, 2, 4  # csrc/cpu/check_rows.h
+_NONFINITE, _ZERO, _NEGATIVE, _SUM = 1, 2, 3, 4
+
+
+def _domain_error(name: str, metric: Metric, row: int, problem: int, row_sum: float, tol: float) -> ValueError:
+    if problem == _NONFINITE:
+        return ValueError(f"{name} contains NaN or inf (first at row {row}); clean or drop those rows")
+    if problem == _ZERO:
+        return ValueError(f"{name} row {row} is all zeros: cosine is undefined for it; "
+                          f"drop zero rows or use metric='ip'")
+    if problem == _NEGATIVE:
+        return ValueError(f"{name} row {row} has negative entries: metric '{metric.name}' "
+                          f"needs probability rows (>= 0, summing to 1)")
+    return ValueError(f"{name} row {row} sums to {row_sum:.6g}, not 1 (tolerance {tol:g}): metric "
+                      f"'{metric.name}' needs probability rows; normalise with x / x.sum(1, keepdim=True)")
+
+
+def _first_problem_torch(t: torch.Tensor, checks: int, tol: float) -> tuple[int, int, float]:
+    """(row, problem, row_sum) of the first bad row, scanning in chunks of bounded memory."""
     for start, chunk in _row_chunks(t):
         c = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
-        finite = torch.isfinite(c)
-        if not bool(finite.all()):
-            row = start + int((~finite).any(dim=1).nonzero()[0, 0])
-            raise ValueError(f"{name} contains NaN or inf (first at row {row}); clean or drop those rows")
-        if metric.domain == "nonzero":
-            zero = (c == 0).all(dim=1)
-            if bool(zero.any()):
-                row = start + int(zero.nonzero()[0, 0])
-                raise ValueError(f"{name} row {row} is all zeros: cosine is undefined for it; "
-                                 f"drop zero rows or use metric='ip'")
-        elif metric.domain == "simplex":
-            if bool((c < 0).any()):
-                row = start + int((c < 0).any(dim=1).nonzero()[0, 0])
-                raise ValueError(f"{name} row {row} has negative entries: metric '{metric.name}' "
-                                 f"needs probability rows (>= 0, summing to 1)")
-            sums = c.double().sum(dim=1)
-            bad = (sums - 1).abs() > SIMPLEX_TOL
-            if bool(bad.any()):
-                row = start + int(bad.nonzero()[0, 0])
-                raise ValueError(f"{name} row {row} sums to {float(sums[row - start]):.6g}, not 1 "
-                                 f"(tolerance {SIMPLEX_TOL}): metric '{metric.name}' needs probability "
-                                 f"rows; normalise with x / x.sum(1, keepdim=True)")
+        bad = torch.zeros(c.shape[0], dtype=torch.int8, device=c.device)
+        if not bool(torch.isfinite(c.sum())):  # cheap screen; a finite sum means all entries are finite
+            bad = torch.where((~torch.isfinite(c)).any(1), _NONFINITE, bad)
+        sums = c.double().sum(1)
+        if checks & _NONZERO:
+            bad = torch.where((bad == 0) & (c == 0).all(1), _ZERO, bad)
+        if checks & _SIMPLEX:
+            bad = torch.where((bad == 0) & (c < 0).any(1), _NEGATIVE, bad)
+            bad = torch.where((bad == 0) & ((sums - 1).abs() > tol), _SUM, bad)
+        rows = bad.nonzero()
+        if rows.numel():
+            r = int(rows[0, 0])
+            return start + r, int(bad[r]), float(sums[r])
+    return -1, 0, 0.0
+
+
+def check_domain(t: torch.Tensor, name: str, metric: Metric) -> None:
+    """Finite values everywhere; non-zero rows for cosine; probability rows for kl / js."""
+    checks = _FINITE | (_NONZERO if metric.domain == "nonzero" else 0) | (_SIMPLEX if metric.domain == "simplex" else 0)
+    # Low-precision inputs round every entry by up to eps/2 relative, so their row sums can only be
+    # held to max(SIMPLEX_TOL, eps) (bfloat16: 0.0078).
+    tol = max(SIMPLEX_TOL, torch.finfo(t.dtype).eps) if t.dtype in (torch.float16, torch.bfloat16) else SIMPLEX_TOL
+    if _C is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        # one fused parallel pass in C++ (csrc/cpu/check_rows.cpp)
+        row, problem, row_sum = _C.check_rows(t.contiguous().numpy(), checks, tol, torch.get_num_threads())
+    else:
+        row, problem, row_sum = _first_problem_torch(t, checks, tol)
+    if row >= 0:
+        raise _domain_error(name, metric, row, problem, row_sum, tol)
 
 
 def validate_pair(queries: Any, corpus: Any, metric: str | Metric) -> Inputs:

@@ -238,26 +238,28 @@ static float inverse_norm(const float* x, int64_t d) {
   return s > 0.0 ? (float)(1.0 / std::sqrt(s)) : 0.0f;
 }
 
-// Corpus panels: panel p holds rows [p*NR, p*NR+NR) as [d][NR], zero padded past n.
+// Corpus panel p: rows [p*NR, p*NR+NR) as [d][NR] (zero padded past n) and their epilogue terms.
+template <Metric M>
+static void pack_panel(const float* c, int64_t n, int64_t d, int64_t p, float* dst, float* cterm) {
+  for (int j = 0; j < NR; ++j) {
+    const int64_t row = p * NR + j;
+    if (row < n) {
+      const float* x = c + row * d;
+      const float inv = (M == Metric::COSINE) ? inverse_norm(x, d) : 1.0f;
+      for (int64_t t = 0; t < d; ++t) dst[t * NR + j] = corpus_entry<M>(x[t], inv);
+      cterm[j] = row_term<M>(x, d, false);
+    } else {
+      for (int64_t t = 0; t < d; ++t) dst[t * NR + j] = 0.0f;
+      cterm[j] = 0.0f;
+    }
+  }
+}
+
 template <Metric M>
 static void pack_corpus(const float* c, int64_t n, int64_t d, float* packed, float* cterm, int threads) {
   const int64_t panels = (n + NR - 1) / NR;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t p = 0; p < panels; ++p) {
-    float* dst = packed + p * d * NR;
-    for (int j = 0; j < NR; ++j) {
-      const int64_t row = p * NR + j;
-      if (row < n) {
-        const float* x = c + row * d;
-        const float inv = (M == Metric::COSINE) ? inverse_norm(x, d) : 1.0f;
-        for (int64_t t = 0; t < d; ++t) dst[t * NR + j] = corpus_entry<M>(x[t], inv);
-        cterm[row] = row_term<M>(x, d, false);
-      } else {
-        for (int64_t t = 0; t < d; ++t) dst[t * NR + j] = 0.0f;
-        cterm[row] = 0.0f;
-      }
-    }
-  }
+  for (int64_t p = 0; p < panels; ++p) pack_panel<M>(c, n, d, p, packed + p * d * NR, cterm + p * NR);
 }
 
 // Query micro-panels: rows [r0, r0 + rows) of q as consecutive [d][ROWS] panels.
@@ -281,11 +283,13 @@ static void pack_queries(const float* q, int64_t nq, int64_t d, int64_t r0, int6
   }
 }
 
-// Query block size: big enough to reuse each corpus panel many times from L1, small enough that
-// the packed block stays in L2.
+// Query block size: each corpus panel streamed from memory is reused for every query of the
+// block (2 * rows flops per loaded float), so the block is as large as half an L2 allows.
 static int64_t query_block_rows(int64_t d, int rows) {
-  int64_t mb = (64 * 1024 / 4) / std::max<int64_t>(d, 1);
-  mb = std::max<int64_t>(rows, std::min<int64_t>(mb, 40 * rows));
+  const char* env = std::getenv("TLFAST_MB_KB");
+  const int64_t kb = env ? std::atoi(env) : 512;
+  int64_t mb = (kb * 1024 / 4) / std::max<int64_t>(d, 1);
+  mb = std::max<int64_t>(rows, std::min<int64_t>(mb, 48 * rows));
   return mb / rows * rows;
 }
 
@@ -295,12 +299,14 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
   using E = Epilogue<M>;
   constexpr int ROWS = E::ROWS;
   const int64_t panels = (n + NR - 1) / NR;
-  Buffer cpacked = aligned_floats((size_t)panels * d * NR);
-  Buffer cterm = aligned_floats((size_t)panels * NR);
-  pack_corpus<M>(c, n, d, cpacked.get(), cterm.get(), threads);
-
   const int64_t mb = query_block_rows(d, ROWS);
   const int64_t qblocks = (nq + mb - 1) / mb;
+  // Several query blocks visit every panel: pack the corpus once.  One block: each panel is
+  // packed into a thread-local buffer right before use, so the corpus is read exactly once.
+  const bool prepack = qblocks > 1;
+  Buffer cpacked = aligned_floats(prepack ? (size_t)panels * d * NR : 0);
+  Buffer cterm = aligned_floats(prepack ? (size_t)panels * NR : 0);
+  if (prepack) pack_corpus<M>(c, n, d, cpacked.get(), cterm.get(), threads);
   // Few query blocks: split the corpus into segments too, then merge the per-segment lists.
   int64_t segments = 1;
   if (qblocks < threads) segments = std::min<int64_t>(panels, (threads + qblocks - 1) / qblocks * 2);
@@ -314,6 +320,8 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
 #pragma omp parallel num_threads(threads)
   {
     Buffer qpacked = aligned_floats((size_t)mb * d);
+    Buffer cbuf = aligned_floats(prepack ? 0 : (size_t)d * NR);
+    Buffer cbuf_term = aligned_floats(NR);
     std::vector<float> qterm(mb), thr(mb);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qblocks * segments; ++item) {
@@ -330,7 +338,16 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
         thr[r] = -INFINITY;
       }
       for (int64_t p = p0; p < p1; ++p) {
-        const float* cp = cpacked.get() + p * d * NR;
+        const float* cp;
+        const float* ctp;
+        if (prepack) {
+          cp = cpacked.get() + p * d * NR;
+          ctp = cterm.get() + p * NR;
+        } else {
+          pack_panel<M>(c, n, d, p, cbuf.get(), cbuf_term.get());
+          cp = cbuf.get();
+          ctp = cbuf_term.get();
+        }
         const int64_t col0 = p * NR;
         const unsigned valid = (n - col0 >= NR) ? (unsigned)((1ull << NR) - 1) : (unsigned)((1ull << (n - col0)) - 1);
         for (int64_t i = 0; i < rows_padded; i += ROWS) {
@@ -344,7 +361,7 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
             vf keys[NV];
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) {
-              const vf ct = *(const vf*)(cterm.get() + col0 + v * W);
+              const vf ct = *(const vf*)(ctp + v * W);
               keys[v] = E::key(E::value(acc[r][v], qterm[row], ct));
               hits |= movemask(keys[v] >= t) << (v * W);
             }
