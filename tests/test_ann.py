@@ -33,11 +33,6 @@ def data(metric, n, d, seed=0):
     return dirichlet_mixture(n, d, seed=seed) if metric in ("kl", "js") else clustered(n, d, seed=seed)
 
 
-def meta(index):
-    """What tlfast.Index keeps in its manifest for load_index."""
-    return {"metric": index.metric.name, "dim": index.dim, "count": len(index), "params": index.params()}
-
-
 def recall(found, exact):
     return np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)])
 
@@ -149,7 +144,7 @@ def test_save_load_gives_identical_results(tmp_path, kind, metric, params):
     index.add(x)
     files = index.save(str(tmp_path))
     assert sorted(files) == sorted(os.listdir(tmp_path))  # no temp files left behind
-    loaded = ann.load_index(kind, str(tmp_path), meta(index))
+    loaded = ann.load_index(kind, str(tmp_path), index.params())
     assert len(loaded) == len(index) and loaded.params() == index.params()
     for a, b in zip(index.search(q, 7), loaded.search(q, 7)):
         np.testing.assert_array_equal(a, b)
@@ -163,7 +158,7 @@ def test_save_load_keeps_untrained_rows(tmp_path):
     index.add(x)
     assert not index.is_trained
     files = index.save(str(tmp_path))
-    loaded = ann.load_index("ivf", str(tmp_path), meta(index))
+    loaded = ann.load_index("ivf", str(tmp_path), index.params())
     assert files == ["ann_pending.npy"] and len(loaded) == 200
     for a, b in zip(index.search(x[:4], 3), loaded.search(x[:4], 3)):
         np.testing.assert_array_equal(a, b)
@@ -175,7 +170,7 @@ def test_corrupted_or_mismatched_files_are_rejected(tmp_path, kind, metric, para
     index = ann.make_index(kind, metric, 16, **params)
     index.add(x)
     files = index.save(str(tmp_path))
-    saved = meta(index)
+    saved = index.params()
     biggest = max(files, key=lambda f: os.path.getsize(tmp_path / f))
     blob = (tmp_path / biggest).read_bytes()
     (tmp_path / biggest).write_bytes(blob[: len(blob) // 2])  # truncated
@@ -228,3 +223,66 @@ def test_errors_name_the_argument_and_the_fix():
     bad[0, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         index.search(bad, 1)
+
+
+# ------------------------------------------------ through tlfast.Index(metric, kind=..., **params)
+@pytest.mark.parametrize("kind,metric,params,search,floor", [
+    ("ivf", "cosine", {"nlist": 32}, {"nprobe": 8}, 0.95),
+    ("ivfpq", "l2", {"nlist": 16, "m": 8, "nbits": 6}, {"nprobe": 8}, 0.5),
+    ("hnsw", "ip", {"M": 16}, {"ef_search": 64}, 0.9),
+    ("ivf", "kl", {"nlist": 32}, {"nprobe": 8}, 0.95),
+])
+def test_index_kind_recall_ids_and_save_load(tmp_path, kind, metric, params, search, floor):
+    d = 16
+    x, q = data(metric, 5000, d), data(metric, 100, d, seed=1)
+    ids = 10_000 + 3 * np.arange(len(x))
+    index = tlfast.Index(metric, kind=kind, **params).add(x[:2500], ids=ids[:2500]).add(x[2500:], ids=ids[2500:])
+    got = index.search(q, 10, **search)
+    exact = tlfast.knn(q, x, 10, metric)
+    assert recall(got.indices, ids[exact.indices]) >= floor
+    path = index.save(tmp_path / kind)
+    loaded = tlfast.Index.load(path)
+    again = loaded.search(q, 10, **search)
+    np.testing.assert_array_equal(again.indices, got.indices)
+    np.testing.assert_array_equal(again.values, got.values)
+    tq = torch.from_numpy(q)  # torch in, torch out
+    assert torch.equal(loaded.search(tq, 10, **search).indices, torch.from_numpy(got.indices))
+
+
+@pytest.mark.parametrize("kind,metric", [("ivf", "l2"), ("ivf", "js")])
+def test_index_rejects_a_corrupted_ann_file(tmp_path, kind, metric):
+    x = data(metric, 2000, 8)
+    path = tlfast.Index(metric, kind=kind, nlist=8).add(x).save(tmp_path / "i")
+    target = path / ("faiss.index" if metric == "l2" else "ann_vectors.npy")
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
+    target.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupted"):
+        tlfast.Index.load(path)
+
+
+def test_index_nlist_defaults_from_the_first_add_and_bad_params_are_clear():
+    x = clustered(4000, 8)
+    index = tlfast.Index("l2", kind="ivf").add(x)
+    assert index._ann.params()["nlist"] == ann.default_nlist(4000) == 102
+    with pytest.raises(ValueError, match="unknown parameter"):
+        tlfast.Index("l2", kind="hnsw", nlist=4).add(x)
+    with pytest.raises(ValueError, match="kind='ivf'"):
+        tlfast.Index("kl", kind="hnsw").add(dirichlet_mixture(100, 8))
+    with pytest.raises(ValueError, match="needs at least 64"):
+        tlfast.Index("l2", kind="ivf", nlist=64).train(x[:10])
+    small = tlfast.Index("l2", kind="ivf", nlist=64).add(x[:10], ids=np.arange(10) + 5)
+    assert not small._ann.is_trained  # buffered until 64 * 39 rows; searched exactly meanwhile
+    np.testing.assert_array_equal(small.search(x[:3], 1).indices[:, 0], [5, 6, 7])
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "js"])
+def test_flat_faiss_backend_equals_exact_knn_through_index(metric):
+    x, q = data(metric, 1500, 12), data(metric, 40, 12, seed=1)
+    if metric == "js":  # faiss's JS needs entries > 0 (checked above: zero entries are refused)
+        x, q = [(a + 1e-4) / (a + 1e-4).sum(1, keepdims=True) for a in (x, q)]
+    index = tlfast.Index(metric).add(x)
+    got = index.search(q, 10, backend="faiss")
+    want = tlfast.knn(q, x, 10, metric, backend="cpu")
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-4, atol=1e-5)
+    assert (got.indices == want.indices).mean() > 0.99

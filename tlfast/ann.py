@@ -7,9 +7,9 @@ the manifest and checksums, and talks to these objects through one small interfa
     obj.is_trained
     obj.add(x)                   # rows get positions len(obj), len(obj) + 1, ...
     obj.search(q, k, **search_params) -> (values float32 (nq, k), positions int64 (nq, k))
-    len(obj), obj.params() -> JSON-able build parameters (ones chosen at train time filled in)
+    len(obj), obj.params() -> JSON-able dict: metric, dim, count and the build parameters
     obj.save(directory) -> [file names written into directory]
-    load_index(kind, directory, {"metric": ..., "dim": ..., "count": len(obj), "params": obj.params()})
+    load_index(kind, directory, meta=obj.params())   # as saved; count is checked against the files
 
 Kinds and metrics:
 
@@ -216,8 +216,11 @@ class _ApproximateIndex:
         return values, positions
 
     def params(self) -> dict:
-        """Build parameters (JSON-able), with those chosen at train time (nlist) filled in."""
-        raise NotImplementedError
+        """What load_index needs: metric, dim, count and the build parameters (nlist filled in once
+        training chose it)."""
+        return {"metric": self.metric.name, "dim": self.dim, "count": len(self), **self._build_params()}
+
+    def _build_params(self) -> dict: raise NotImplementedError
 
     def save(self, directory: str) -> list[str]:
         """Write the index into ``directory`` (each file via a temp file and a rename)."""
@@ -313,7 +316,7 @@ class FaissIndex(_ApproximateIndex):
         values, positions = self.index.search(self._prepare(q), k, params=params)
         return values, positions
 
-    def params(self) -> dict:
+    def _build_params(self) -> dict:
         p = {"ivf": {"nlist": self.nlist, "nprobe": self.nprobe},
              "ivfpq": {"nlist": self.nlist, "nprobe": self.nprobe, "m": self.m, "nbits": self.nbits},
              "hnsw": {"M": self.M, "ef_search": self.ef_search, "ef_construction": self.ef_construction}}
@@ -457,7 +460,7 @@ class ProbabilityIVF(_ApproximateIndex):
         values, pos = sort_best_first(cand_v, cand_p, larger_is_better=False)
         return values[:, :k], pos[:, :k]
 
-    def params(self) -> dict:
+    def _build_params(self) -> dict:
         return {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
 
     def _save(self, directory: str) -> list[str]:
@@ -511,18 +514,18 @@ def make_index(kind: str, metric: str | Metric, dim: int, **params) -> _Approxim
 def load_index(kind: str, directory: str, meta: dict) -> _ApproximateIndex:
     """The index that ``save(directory)`` wrote.
 
-    ``meta``: ``{"metric", "dim", "params": obj.params()}`` and optionally ``"count": len(obj)``,
-    checked against the files (tlfast.Index passes its manifest, which holds these keys).
+    ``meta`` is ``obj.params()`` from save time (tlfast.Index keeps it in its manifest); its count
+    is checked against the files.
     """
     try:
-        params = dict(meta["params"])
-        obj = make_index(kind, meta["metric"], int(meta["dim"]), **params)
-        count = meta.get("count")
+        build = {p: meta[p] for p in (*_BUILD_PARAMS[kind], "seed") if p in meta}
+        obj = make_index(kind, meta["metric"], int(meta["dim"]), **build)
+        count = int(meta["count"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"index metadata {json.dumps(meta, default=str)[:200]} is incomplete or "
                          f"malformed ({exc!r}); rebuild the index") from exc
     obj._load(directory)
-    if count is not None and len(obj) != int(count):
+    if len(obj) != count:
         raise ValueError(f"index files in {directory} hold {len(obj)} rows but the metadata says "
                          f"{count}; they are corrupted or misplaced")
     return obj
