@@ -161,3 +161,19 @@ def test_validation_runs_before_faiss():
         tlfast.knn(q, c, 3, "l2", backend="faiss")
     with pytest.raises(ValueError, match="k must be between"):
         tlfast.knn(c, c, 11, "l2", backend="faiss")
+
+
+def test_missing_faiss_is_reported_not_raised(monkeypatch):
+    import sys
+
+    from tlfast.backends import info
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails
+    got = info("faiss")
+    assert not got.available and "pip install 'tlfast[faiss]'" in got.reason
+    with pytest.raises(RuntimeError, match="unavailable.*tlfast\\[faiss\\]"):
+        tlfast.knn(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), 1, "l2", backend="faiss")
+    from tlfast import ann
+
+    with pytest.raises(ImportError, match="tlfast\\[faiss\\]"):
+        ann.make_index("hnsw", "l2", 3)

@@ -245,8 +245,9 @@ class FaissIndex(_ApproximateIndex):
 
     def __init__(self, kind: str, metric: Metric, dim: int, *, nlist=None, nprobe=None, m=None,
                  nbits=None, M=None, ef_search=None, ef_construction=None):
-        import faiss  # optional extra: pip install tlfast[faiss]
+        from .backends.faiss import _faiss
 
+        faiss = _faiss()  # optional extra; ImportError saying how to install it
         super().__init__(metric, dim)
         self.kind = kind
         self._faiss = faiss

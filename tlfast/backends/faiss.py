@@ -44,12 +44,18 @@ _FAISS_METRIC = {"ip": "METRIC_INNER_PRODUCT", "cosine": "METRIC_INNER_PRODUCT",
 
 
 def _faiss():
-    import faiss  # imported lazily: faiss is an optional extra (pip install tlfast[faiss])
+    try:
+        import faiss  # imported lazily: faiss is an optional extra
+    except ImportError as exc:
+        raise ImportError(f"faiss is not installed ({exc}); install it with pip install 'tlfast[faiss]'") from exc
     return faiss
 
 
 def info() -> BackendInfo:
-    faiss = _faiss()
+    try:
+        faiss = _faiss()
+    except ImportError as exc:
+        return BackendInfo(False, str(exc), ())
     return BackendInfo(True, f"faiss {faiss.__version__} flat search (CPU)", ("cpu",))
 
 
