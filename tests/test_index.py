@@ -356,6 +356,7 @@ def test_real_approximate_index_round_trip(tmp_path):
 
 def test_unknown_kind_without_ann_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tlfast.ann", None)  # makes `from . import ann` fail
+    monkeypatch.delattr(tlfast, "ann", raising=False)  # ... once the real module was imported too
     with pytest.raises(ValueError, match="tlfast.ann"):
         Index("l2", kind="ivf").add(np.eye(3, dtype=np.float32))
 
