@@ -102,6 +102,23 @@ def test_half_precision_storage(dtype, torch_dtype):
         Index("l2", dtype="float16").add(np.full((2, 3), 1e6, np.float32))
 
 
+def test_half_storage_is_searched_in_bounded_blocks_by_default(monkeypatch):
+    """The CPU kernel reads float32, so half storage is converted block by block, never all at once."""
+    import tlfast.index as index_mod
+
+    q, c = _np("l2", 9, 500, 16, seed=12)
+    index = Index("l2", dtype="float16").add(c)
+    whole = index.search(q, 7)
+    seen = []
+    monkeypatch.setattr(index_mod, "_DEFAULT_BLOCK_BUDGET", 16 * 4 * 100)  # 100 rows of float32
+    real_blocks = Index._blocks
+    monkeypatch.setattr(Index, "_blocks", lambda self, rows: (seen.append(rows), real_blocks(self, rows))[1])
+    blocked = index.search(q, 7)
+    assert seen == [100]
+    np.testing.assert_array_equal(blocked.indices, whole.indices)
+    np.testing.assert_array_equal(blocked.values, whole.values)
+
+
 def test_bad_input_errors():
     c = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="metric"):
@@ -110,6 +127,8 @@ def test_bad_input_errors():
         Index(dtype="int8")
     with pytest.raises(ValueError, match="flat.*takes no parameters"):
         Index(nlist=4)
+    with pytest.raises(ValueError, match="keeps its own storage"):
+        Index(kind="ivf", dtype="float16")
     with pytest.raises(ValueError, match="empty"):
         Index().search(c, 1)
     index = Index("cosine").add(c)

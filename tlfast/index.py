@@ -48,8 +48,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _NPY_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-# Block size when host-resident vectors must travel to a GPU and no budget was given.
-_DEFAULT_TRANSFER_BUDGET = 256 * 2**20
+# Block size when no budget was given but a block must be copied anyway: host-resident vectors
+# travelling to a GPU, or half-precision storage that the CPU kernel reads as float32 (so float16
+# storage keeps its memory saving during search too).
+_DEFAULT_BLOCK_BUDGET = 64 * 2**20
 _HASH_CHUNK = 2**24
 
 
@@ -134,6 +136,9 @@ class Index:
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {device!r}") from exc
         if not isinstance(kind, str):
             raise ValueError(f"kind must be a string such as 'flat' or 'ivf', got {kind!r}")
+        if kind != "flat" and dtype != "float32":
+            raise ValueError(f"dtype={dtype!r} sets the storage of exact (flat) indexes; kind={kind!r} keeps "
+                             f"its own storage (drop dtype, or use kind='flat')")
         if kind == "flat" and params:
             raise ValueError(f"kind='flat' takes no parameters, got {sorted(params)}; "
                              f"parameters such as nlist belong to approximate kinds (kind='ivf')")
@@ -231,9 +236,9 @@ class Index:
     def from_store(cls, store: Any, metric: str = "cosine", *, device: str | torch.device = "cpu",
                    validate: bool = True) -> "Index":
         """An exact index over a ``tlfast.FeatureStore`` (or any object with ``len`` and slicing, and
-        ``shards()`` or ``num_shards`` + ``shard(i)`` giving (rows, dim) arrays), without copying: each
-        memory-mapped shard becomes
-        a segment, so the store may be larger than memory (search it with ``memory_budget``).
+        ``shards()`` or ``num_shards`` + ``shard(i)`` giving (rows, dim) arrays), without copying:
+        each memory-mapped shard becomes a segment, so the store may be larger than memory (search
+        it with ``memory_budget``).
 
         The storage dtype is the store's (float32 / float16); ``validate`` scans the shards once
         for the metric's input domain.
@@ -376,8 +381,9 @@ class Index:
             if rows < 1:
                 raise ValueError(f"memory_budget={memory_budget!r} is smaller than one stored row "
                                  f"({per_row} bytes); raise it")
-        elif self.device.type == "cuda" and any(s.device != self.device for s in self._segments):
-            rows = max(1, _DEFAULT_TRANSFER_BUDGET // (self.dim * 4))
+        elif (self.device.type == "cuda" and any(s.device != self.device for s in self._segments)) or \
+                (self.device.type == "cpu" and self.dtype != "float32"):
+            rows = max(1, _DEFAULT_BLOCK_BUDGET // (self.dim * 4))
         best = None
         for start, block in self._on_device(self._blocks(rows)):
             kb = min(k, block.shape[0])
