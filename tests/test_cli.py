@@ -166,6 +166,18 @@ def test_bench_runs_scripts_and_writes_json_markdown_png(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "beta", "--dir", str(bench), "--out", str(tmp_path / "o2")]) == 0
     assert {r["suite"] for r in json.loads((tmp_path / "o2" / "bench.json").read_text())["rows"]} == {"beta"}
+    # A script whose --out is a path prefix (it writes OUT.json beside the folder), with ANN sweep rows.
+    (bench / "bench_delta.py").write_text(textwrap.dedent("""
+        import argparse, json
+        p = argparse.ArgumentParser(); p.add_argument("--out"); p.add_argument("--quick", action="store_true")
+        a = p.parse_args()
+        rows = [{"case": "cos", "backend": "faiss", "kind": "ivf", "nprobe": n, "median_s": 1.0 / n,
+                 "recall_at_10": 0.5 + n / 40} for n in (4, 16)]
+        open(a.out + ".json", "w").write(json.dumps({"meta": {}, "rows": rows}))
+    """))
+    assert main(["bench", "delta", "--dir", str(bench), "--out", str(tmp_path / "o4")]) == 0
+    md = (tmp_path / "o4" / "bench.md").read_text()
+    assert "| delta | cos | faiss kind=ivf nprobe=16 | 0.0625 | 4.0x | 0.900 |" in md
     (bench / "bench_gamma.py").write_text(_FAKE_BENCH.format(name="gamma", fail=True))
     capsys.readouterr()
     assert main(["bench", "gamma", "alpha", "--dir", str(bench), "--out", str(tmp_path / "o3")]) == 1

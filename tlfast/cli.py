@@ -279,9 +279,10 @@ def _bench_dir(arg: str | None) -> Path:
 
 
 def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
-    """Rows of the JSON files a benchmark script wrote into ``out`` during this run."""
+    """Rows of the JSON files a benchmark script wrote during this run: into the folder ``out``, or
+    beside it as ``out.json`` (scripts whose --out is a path prefix)."""
     rows = []
-    for f in sorted(out.glob("*.json")):
+    for f in sorted([*out.glob("*.json"), *out.parent.glob(f"{out.name}*.json")]):
         if f.stat().st_mtime < started:
             continue
         data = json.loads(f.read_text())
@@ -292,11 +293,14 @@ def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
 
 
 def _contender(row: dict) -> str:
-    return str(row.get("backend") or row.get("contender") or row.get("name") or "?")
+    """The row's contender, with the settings that tell rows of one backend apart (ANN sweeps)."""
+    name = str(row.get("backend") or row.get("contender") or row.get("name") or "?")
+    settings = [f"{k}={row[k]}" for k in ("kind", "nlist", "nprobe", "ef_search") if row.get(k) is not None]
+    return " ".join([name, *settings])
 
 
 def _bench_markdown(rows: list[dict]) -> str:
-    lines = ["| suite | case | contender | median s | vs slowest in case |", "|---|---|---|---|---|"]
+    lines = ["| suite | case | contender | median s | vs slowest in case | recall@10 |", "|---|---|---|---|---|---|"]
     slowest: dict[tuple, float] = {}
     for r in rows:
         if isinstance(r.get("median_s"), (int, float)):
@@ -306,9 +310,11 @@ def _bench_markdown(rows: list[dict]) -> str:
         key = (r["suite"], str(r.get("case")))
         if isinstance(r.get("median_s"), (int, float)):
             speed = f"{slowest[key] / r['median_s']:.1f}x" if r["median_s"] > 0 else "-"
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | {r['median_s']:.4g} | {speed} |")
+            recall = f"{r['recall_at_10']:.3f}" if isinstance(r.get("recall_at_10"), (int, float)) else ""
+            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | {r['median_s']:.4g} | {speed} | "
+                         f"{recall} |")
         else:
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | error: {r.get('error', '?')} | |")
+            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | error: {r.get('error', '?')} | | |")
     return "\n".join(lines)
 
 
