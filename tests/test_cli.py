@@ -107,8 +107,9 @@ def test_errors_are_one_line_and_nonzero(tmp_path, arrays, capsys):
 
 def test_console_script_exit_status(tmp_path):
     """The real process: a one-line error and status 2, not a traceback."""
+    # cwd outside the checkout: `-m` puts cwd on sys.path, and the source tree has no built _C.
     proc = subprocess.run([sys.executable, "-m", "tlfast.cli", "knn", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
 

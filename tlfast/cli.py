@@ -39,7 +39,7 @@ EXAMPLES = {
   tlfast match src-feats/ tgt-feats/ --ratio 0.8 -o m.npz   # + Lowe's ratio test
   tlfast match a.npy b.npy --metric l2 --no-mutual --threshold 0.5""",
     "bench": """examples:
-  tlfast bench --quick                 # every benchmarks/bench_*.py, small shapes
+  tlfast bench --quick                 # every ./benchmarks/bench_*.py, small shapes
   tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
   tlfast bench --dir path/to/benchmarks""",
     "demo": """examples:
@@ -270,12 +270,14 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 def _bench_dir(arg: str | None) -> Path:
     if arg is not None:
-        path = Path(arg)
-    else:  # a source checkout: benchmarks/ beside the package
-        path = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not path.is_dir():
-        raise CLIError(f"no benchmarks folder at {path}; run from a source checkout or pass --dir")
-    return path
+        candidates = [Path(arg)]
+    else:  # the checkout we run in, or the one the package was imported from (an in-place build)
+        candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise CLIError(f"no benchmarks folder at {' or '.join(map(str, candidates))}; run from a source checkout "
+                   f"or pass --dir")
 
 
 def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
