@@ -66,12 +66,21 @@ class CLIError(Exception):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _atomic(path: Path, write) -> None:
+def _umasked(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one.  The file gets the usual permissions (0666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, _umasked(0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -239,7 +248,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
     res = index.search(queries, args.k, backend=args.backend, memory_budget=args.memory_budget)
     dt = time.perf_counter() - t
     out = Path(args.out)
-    _atomic(out, lambda f: np.savez(f, values=res.values, indices=res.indices))
+    atomic_write(out, lambda f: np.savez(f, values=res.values, indices=res.indices))
     budget = f", memory budget {args.memory_budget}" if args.memory_budget else ""
     print(f"{len(queries)} queries x {len(index)} corpus rows, k={args.k}, {args.metric}{budget}: "
           f"{dt:.3f} s -> {out} (values, indices)")
@@ -256,11 +265,11 @@ def _cmd_match(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t
     out = Path(args.out)
     if out.suffix == ".npz":
-        _atomic(out, lambda f: np.savez(f, source_idx=m.source_idx, target_idx=m.target_idx, scores=m.scores))
+        atomic_write(out, lambda f: np.savez(f, source_idx=m.source_idx, target_idx=m.target_idx, scores=m.scores))
     elif out.suffix == ".csv":
         rows = "".join(f"{s},{t},{v:.7g}\n" for s, t, v in zip(m.source_idx.tolist(), m.target_idx.tolist(),
                                                                m.scores.tolist()))
-        _atomic(out, lambda f: f.write(("source_idx,target_idx,score\n" + rows).encode()))
+        atomic_write(out, lambda f: f.write(("source_idx,target_idx,score\n" + rows).encode()))
     else:
         raise CLIError(f"--out {out}: write .csv or .npz")
     print(f"{len(m.source_idx)} matches of {len(src)} source rows against {len(tgt)} target rows "
@@ -336,7 +345,7 @@ def _bench_chart(path: Path, rows: list[dict]) -> None:
     ax.set_xlabel("median seconds (log scale; shorter is faster)")
     ax.set_title("tlfast bench")
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -374,8 +383,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     md = "# tlfast bench\n\n" + (_bench_markdown(rows) if rows else "no results") + "\n"
     if failed:
         md += "\nfailed: " + "; ".join(failed) + "\n"
-    _atomic(out / "bench.json", lambda f: f.write(json.dumps({"rows": rows, "failed": failed}, indent=1).encode()))
-    _atomic(out / "bench.md", lambda f: f.write(md.encode()))
+    atomic_write(out / "bench.json", lambda f: f.write(json.dumps({"rows": rows, "failed": failed}, indent=1).encode()))
+    atomic_write(out / "bench.md", lambda f: f.write(md.encode()))
     if rows:
         _bench_chart(out / "bench.png", rows)
     print(md)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .cli import atomic_write
 
 __all__ = ["run_demo"]
 
@@ -164,8 +165,8 @@ def run_demo(out: str | os.PathLike = "tlfast-demo-out", *, backbone: str = "aut
     _plot(out / "demo.png", fs, aligned, ft, src_y, rows, results)
     results["seconds"]["report"] = round(time.perf_counter() - t, 3)
     table = _table(results)
-    _write_text(out / "report.md", _report(results, table))
-    _write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write(out / "report.md", lambda f: f.write(_report(results, table).encode()))
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     log(table)
     log(f"\nwrote {out / 'demo.png'}, {out / 'report.md'} and {out / 'results.json'}")
     return results
@@ -197,13 +198,6 @@ def _report(r: dict, table: str) -> str:
             "*no shift (reference)*: the same classifier on the target digits without the shift - the accuracy "
             "the shift costs.  *shifted + CORAL*: source features re-coloured to the target covariance and mean "
             "(`tlfast.domain.coral`, lambda = 1) before training.\n\n![demo](demo.png)\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _plot(path: Path, fs: np.ndarray, aligned: np.ndarray, ft: np.ndarray, labels: np.ndarray,
@@ -243,8 +237,5 @@ def _plot(path: Path, fs: np.ndarray, aligned: np.ndarray, ft: np.ndarray, label
     title = f"tlfast demo - {r['features']}; target shift: {r['shift']}"
     fig.suptitle(f"{r['fallback']}\n{title}" if r["fallback"] else title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)

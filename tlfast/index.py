@@ -413,6 +413,9 @@ class Index:
             raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved index is an ordinary folder
         try:
             names = self._write_data(tmp)
             files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
