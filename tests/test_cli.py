@@ -160,7 +160,8 @@ def test_bench_runs_scripts_and_writes_json_markdown_png(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "--dir", str(bench), "--out", str(out), "--quick"]) == 0
     data = json.loads((out / "bench.json").read_text())
-    assert [(r["suite"], r["case"], r["backend"]) for r in data["rows"]][:2] == [("alpha", "c1", "fast"), ("alpha", "c1", "slow")]
+    assert [(r["suite"], r["case"], r["backend"]) for r in data["rows"]][:2] == [("alpha", "c1", "fast"),
+                                                                                 ("alpha", "c1", "slow")]
     assert len(data["rows"]) == 6 and data["rows"][0]["quick"] is True and data["failed"] == []
     md = (out / "bench.md").read_text()
     assert "| alpha | c1 | fast | 0.01 | 4.0x |" in md and "error: OOM" in md

@@ -12,7 +12,7 @@ import torch
 import tlfast
 from tlfast.index import Index, parse_bytes
 
-from conftest import HAS_CUDA, TOL, make_inputs
+from conftest import TOL, make_inputs
 
 METRICS = ["cosine", "ip", "l2", "kl", "js"]
 
