@@ -256,7 +256,7 @@ class Extractor:
         """
         from ..store import write_store
 
-        self._plan(data[:1] if len(data) else data, batch_size, max_tokens)  # validate kind early
+        self._check(data)  # every item is valid before the first shard is written
         return write_store(self, path, data, shard_size=shard_size, batch_size=batch_size,
                            max_tokens=max_tokens, progress=progress, dtype=dtype, overwrite=overwrite)
 
@@ -270,6 +270,25 @@ class Extractor:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        kind, items = self._check(data)
+        if kind == "text":
+            return self._plan_tokens(self._tokenize(items), batch_size, max_tokens)
+        if kind == "tokens":
+            return self._plan_tokens(items, batch_size, max_tokens)
+        source = items
+        n = len(source)
+        size = batch_size or _IMAGE_BATCH
+        batches = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+        pin = self.device.type == "cuda"
+
+        def build(positions: np.ndarray) -> dict[str, Any]:
+            x = source.take(positions, self.image_size)
+            return {"images": x.pin_memory() if pin else x}
+
+        return n, batches, build
+
+    def _check(self, data: Any) -> tuple[str, Any]:
+        """(kind, validated items): "text" (list of str), "tokens" (int64 arrays) or "image" (a source)."""
         kind = self.kind
         if kind == "module":
             if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
@@ -282,23 +301,10 @@ class Extractor:
             else:
                 kind = "image"
         if kind == "text":
-            texts = inputs.check_texts(data)
-            return self._plan_tokens(self._tokenize(texts), batch_size, max_tokens)
+            return kind, inputs.check_texts(data)
         if kind == "tokens":
-            return self._plan_tokens(inputs.check_token_sequences(data), batch_size, max_tokens)
-        if self.kind == "text":
-            raise TypeError(f"this is a text extractor; pass a list of strings, not {type(data).__name__}")
-        source = inputs.ImageBatchSource(data)
-        n = len(source)
-        size = batch_size or _IMAGE_BATCH
-        batches = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
-        pin = self.device.type == "cuda"
-
-        def build(positions: np.ndarray) -> dict[str, Any]:
-            x = source.take(positions, self.image_size)
-            return {"images": x.pin_memory() if pin else x}
-
-        return n, batches, build
+            return kind, inputs.check_token_sequences(data)
+        return kind, inputs.ImageBatchSource(data)
 
     def _tokenize(self, texts: list[str]) -> list[Any]:
         """Token ids per text, truncated to max_length, no padding: one parallel call into the Rust
