@@ -153,7 +153,7 @@ class Extractor:
         Data decides the input kind per call: images (as in :meth:`extract`) are turned into float
         NCHW by ``preprocess`` (it receives a uint8 NHWC batch on the device; default: /255 and
         ImageNet mean/std, fused), resized/cropped to ``image_size`` when given; lists of integer
-        token-id sequences (or strings, with ``tokenizer``) are padded into ``(ids, mask)`` and
+        token-id sequences (or strings, with ``tokenizer``; without one strings are image paths) are padded into ``(ids, mask)`` and
         the module is called as ``module(ids)`` (or ``module(ids, attention_mask=mask)`` when its
         forward takes ``attention_mask``).  ``layer`` takes the named submodule's output instead
         of the module's (the layers after it are skipped).  Outputs are pooled to (n, dim): 4-D
@@ -291,10 +291,8 @@ class Extractor:
         """(kind, validated items): "text" (list of str), "tokens" (int64 arrays) or "image" (a source)."""
         kind = self.kind
         if kind == "module":
-            if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
-                if self.tokenizer is None:
-                    raise TypeError("data is a list of strings but this module extractor has no tokenizer; "
-                                    "pass tokenizer= to Extractor.from_module, or token-id sequences")
+            # Strings are texts when there is a tokenizer to read them, image file paths otherwise.
+            if isinstance(data, (list, tuple)) and data and isinstance(data[0], str) and self.tokenizer is not None:
                 kind = "text"
             elif isinstance(data, (list, tuple)) and inputs.is_token_sequences(data):
                 kind = "tokens"
