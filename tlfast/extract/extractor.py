@@ -219,10 +219,11 @@ class Extractor:
             raise ValueError("this extractor runs an ONNX model already; it has no torch module to export")
         encoder = getattr(self.encoder, "_orig_mod", self.encoder)  # unwrap torch.compile
         kind = self.kind
-        if kind == "module":
+        if kind == "module":  # the graph's inputs: token ids with a tokenizer, else square images
+            if self.tokenizer is None and self.image_size is None:
+                raise ValueError("export_onnx on a from_module extractor needs tokenizer= (token inputs) or "
+                                 "image_size= (image inputs) given to from_module")
             kind = "text" if self.tokenizer is not None else "image"
-        if kind == "image" and self.image_size is None:
-            raise ValueError("exporting an image extractor needs a fixed input size: build it with image_size=")
         # The graph is traced on CPU in float32; a GPU extractor exports a CPU copy.
         module = encoder if self.device.type == "cpu" else copy.deepcopy(encoder).cpu().float()
         return onnx_io.export(module, kind, path, image_size=self.image_size)
