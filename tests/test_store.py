@@ -139,3 +139,37 @@ def test_float16_store_and_argument_errors(tmp_path):
         ext.extract_to(tmp_path / "x", [])
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         FeatureStore(tmp_path / "nowhere")
+
+
+_DIST_WORKER = r"""
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_store import CountingGRU, _data
+import tlfast
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + {init!r}, rank=rank, world_size=2)
+model = CountingGRU()
+store = tlfast.Extractor.from_module(model, name="gru").extract_to({path!r}, _data(23), shard_size=5, batch_size=5)
+print(json.dumps({{"rank": rank, "seen": model.seen, "rows": len(store)}}))
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_ranks_split_the_shards(tmp_path):
+    """Two gloo ranks: rank r writes shards r, r+2, ...; rank 0 writes the manifest after both finish."""
+    import os
+    import subprocess
+    import sys
+
+    code = _DIST_WORKER.format(tests=os.path.dirname(__file__), init=str(tmp_path / "init"),
+                               path=str(tmp_path / "s"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = sorted((json.loads(o[0].strip().splitlines()[-1]) for o in outs), key=lambda r: r["rank"])
+    # 5 shards of 5, 5, 5, 5, 3 rows: rank 0 has shards 0, 2, 4 (13 rows), rank 1 shards 1, 3 (10)
+    assert [r["seen"] for r in results] == [13, 10]
+    assert all(r["rows"] == 23 for r in results)
+    np.testing.assert_allclose(np.asarray(FeatureStore(tmp_path / "s")), _extractor().extract(_data(23)).numpy(),
+                               atol=1e-6)
