@@ -149,6 +149,7 @@ def test_gru_masked_pooling_equals_pooling_each_sequence_alone():
     # the token budget changes the batches, never the result or its order
     torch.testing.assert_close(ext.extract(seqs, max_tokens=20), got, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ext.extract(seqs[::-1], batch_size=17), got.flip(0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ext.extract([torch.tensor(s) for s in seqs]), got, atol=1e-6, rtol=1e-6)
 
 
 def test_sequence_module_taking_attention_mask_gets_it():

@@ -295,7 +295,7 @@ class Extractor:
             # Strings are texts when there is a tokenizer to read them, image file paths otherwise.
             if isinstance(data, (list, tuple)) and data and isinstance(data[0], str) and self.tokenizer is not None:
                 kind = "text"
-            elif isinstance(data, (list, tuple)) and inputs.is_token_sequences(data):
+            elif inputs.is_token_sequences(data):
                 kind = "tokens"
             else:
                 kind = "image"
