@@ -153,7 +153,7 @@ class Extractor:
         Data decides the input kind per call: images (as in :meth:`extract`) are turned into float
         NCHW by ``preprocess`` (it receives a uint8 NHWC batch on the device; default: /255 and
         ImageNet mean/std, fused), resized/cropped to ``image_size`` when given; lists of integer
-        token-id sequences (or strings, with ``tokenizer``) are padded into ``(ids, mask)`` and
+        token-id sequences (or strings, with ``tokenizer``; without one strings are image paths) are padded into ``(ids, mask)`` and
         the module is called as ``module(ids)`` (or ``module(ids, attention_mask=mask)`` when its
         forward takes ``attention_mask``).  ``layer`` takes the named submodule's output instead
         of the module's (the layers after it are skipped).  Outputs are pooled to (n, dim): 4-D
@@ -219,10 +219,11 @@ class Extractor:
             raise ValueError("this extractor runs an ONNX model already; it has no torch module to export")
         encoder = getattr(self.encoder, "_orig_mod", self.encoder)  # unwrap torch.compile
         kind = self.kind
-        if kind == "module":
+        if kind == "module":  # the graph's inputs: token ids with a tokenizer, else square images
+            if self.tokenizer is None and self.image_size is None:
+                raise ValueError("export_onnx on a from_module extractor needs tokenizer= (token inputs) or "
+                                 "image_size= (image inputs) given to from_module")
             kind = "text" if self.tokenizer is not None else "image"
-        if kind == "image" and self.image_size is None:
-            raise ValueError("exporting an image extractor needs a fixed input size: build it with image_size=")
         # The graph is traced on CPU in float32; a GPU extractor exports a CPU copy.
         module = encoder if self.device.type == "cpu" else copy.deepcopy(encoder).cpu().float()
         return onnx_io.export(module, kind, path, image_size=self.image_size)
@@ -256,7 +257,7 @@ class Extractor:
         """
         from ..store import write_store
 
-        self._plan(data[:1] if len(data) else data, batch_size, max_tokens)  # validate kind early
+        self._check(data)  # every item is valid before the first shard is written
         return write_store(self, path, data, shard_size=shard_size, batch_size=batch_size,
                            max_tokens=max_tokens, progress=progress, dtype=dtype, overwrite=overwrite)
 
@@ -270,25 +271,12 @@ class Extractor:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-        kind = self.kind
-        if kind == "module":
-            if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
-                if self.tokenizer is None:
-                    raise TypeError("data is a list of strings but this module extractor has no tokenizer; "
-                                    "pass tokenizer= to Extractor.from_module, or token-id sequences")
-                kind = "text"
-            elif isinstance(data, (list, tuple)) and inputs.is_token_sequences(data):
-                kind = "tokens"
-            else:
-                kind = "image"
+        kind, items = self._check(data)
         if kind == "text":
-            texts = inputs.check_texts(data)
-            return self._plan_tokens(self._tokenize(texts), batch_size, max_tokens)
+            return self._plan_tokens(self._tokenize(items), batch_size, max_tokens)
         if kind == "tokens":
-            return self._plan_tokens(inputs.check_token_sequences(data), batch_size, max_tokens)
-        if self.kind == "text":
-            raise TypeError(f"this is a text extractor; pass a list of strings, not {type(data).__name__}")
-        source = inputs.ImageBatchSource(data)
+            return self._plan_tokens(items, batch_size, max_tokens)
+        source = items
         n = len(source)
         size = batch_size or _IMAGE_BATCH
         batches = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
@@ -299,6 +287,23 @@ class Extractor:
             return {"images": x.pin_memory() if pin else x}
 
         return n, batches, build
+
+    def _check(self, data: Any) -> tuple[str, Any]:
+        """(kind, validated items): "text" (list of str), "tokens" (int64 arrays) or "image" (a source)."""
+        kind = self.kind
+        if kind == "module":
+            # Strings are texts when there is a tokenizer to read them, image file paths otherwise.
+            if isinstance(data, (list, tuple)) and data and isinstance(data[0], str) and self.tokenizer is not None:
+                kind = "text"
+            elif inputs.is_token_sequences(data):
+                kind = "tokens"
+            else:
+                kind = "image"
+        if kind == "text":
+            return kind, inputs.check_texts(data)
+        if kind == "tokens":
+            return kind, inputs.check_token_sequences(data)
+        return kind, inputs.ImageBatchSource(data)
 
     def _tokenize(self, texts: list[str]) -> list[Any]:
         """Token ids per text, truncated to max_length, no padding: one parallel call into the Rust

@@ -38,14 +38,16 @@ def check_texts(data: Any) -> list[str]:
 
 
 def is_token_sequences(data: Any) -> bool:
-    """True for a list of 1-D integer sequences (token ids for a sequence encoder)."""
-    if isinstance(data, (np.ndarray, torch.Tensor)) or not len(data):
+    """True for a non-empty list of 1-D integer sequences (token ids for a sequence encoder),
+    judged by its first item (check_token_sequences then validates every item)."""
+    if not isinstance(data, (list, tuple)) or not data:
         return False
     first = data[0]
-    if isinstance(first, (np.ndarray, torch.Tensor)):
-        return first.ndim == 1 and not first.dtype.is_floating_point if isinstance(first, torch.Tensor) \
-            else first.ndim == 1 and first.dtype.kind in "iu"
-    return isinstance(first, (list, tuple)) and (len(first) == 0 or isinstance(first[0], (int, np.integer)))
+    if isinstance(first, torch.Tensor):
+        return first.dim() == 1 and not first.is_floating_point() and first.dtype != torch.bool
+    if isinstance(first, np.ndarray):
+        return first.ndim == 1 and first.dtype.kind in "iu"
+    return isinstance(first, (list, tuple)) and (not first or isinstance(first[0], (int, np.integer)))
 
 
 def check_token_sequences(data: Any) -> list[np.ndarray]:

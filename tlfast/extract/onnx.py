@@ -75,9 +75,9 @@ def export(encoder: nn.Module, kind: str, path: str | os.PathLike, *, image_size
 
 
 def session(path: str | os.PathLike, device: str = "cpu") -> Any:
-    """An InferenceSession with all graph optimisations (attention / LayerNorm / GELU fusions, constant
-    folding), one intra-op thread per core torch uses, no inter-op pool (the graph is a chain),
-    and the CUDA provider on ``device="cuda"`` (needs onnxruntime-gpu)."""
+    """An InferenceSession with all graph optimisations (LayerNorm / GELU / MatMul fusions, constant
+    folding, layout transforms), one intra-op thread per core torch uses, no inter-op pool (the
+    graph is a chain), and the CUDA provider on ``device="cuda"`` (needs onnxruntime-gpu)."""
     ort = require("onnxruntime", 'backend="onnxruntime"')
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -85,6 +85,9 @@ def session(path: str | os.PathLike, device: str = "cpu") -> Any:
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Memory patterns pre-plan buffers for one input shape; with a new (batch, sequence) shape per
+    # batch they only grow the arena, so they are off.
+    options.enable_mem_pattern = False
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
