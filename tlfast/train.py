@@ -170,7 +170,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             coef = w / scale[:, None]
             self.coef_ = coef.T.cpu().numpy()
             self.intercept_ = (b - mean @ coef).cpu().numpy()
-        self.n_iter_ = int(opt.state[opt._params[0]].get("n_iter", 0))
+        self.n_iter_ = int(opt.state[w].get("n_iter", 0))  # L-BFGS keeps its state on the first parameter
         return self
 
     def _logits(self, X: Any) -> np.ndarray:
