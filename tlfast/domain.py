@@ -33,10 +33,25 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
         raise ValueError(f"{na} is on {a.device} but {nb} is on {b.device}; move both to one device")
 
 
-def _sym_power(cov: torch.Tensor, power: float) -> torch.Tensor:
-    """cov^power for a symmetric positive-definite matrix, through its eigendecomposition."""
-    w, v = torch.linalg.eigh(cov)
-    return (v * w.clamp(min=torch.finfo(w.dtype).tiny).pow(power)) @ v.T
+def _ridge_power(xc: torch.Tensor, lam: float, power: float):
+    """``v -> v @ (Cov + lam I)^power`` for the centred rows ``xc`` (n, d), Cov = xcᵀxc / (n - 1).
+
+    With Cov = U diag(w) Uᵀ (U: the r non-null eigenvectors), (Cov + lam I)^p = U diag((w + lam)^p -
+    lam^p) Uᵀ + lam^p I, exactly.  When n <= d (few samples of wide features, the usual case for
+    transfer learning) U comes from the n x n Gram matrix instead of the d x d covariance, so the cost
+    is O(n² d) rather than O(d³).
+    """
+    n, d = xc.shape
+    if n <= d:
+        w, v = torch.linalg.eigh(xc @ xc.T / (n - 1))
+        keep = w > w.max().clamp(min=0) * (n * torch.finfo(w.dtype).eps)
+        w, v = w[keep], v[:, keep]
+        u = (xc.T @ v) / torch.sqrt(w * (n - 1))  # unit eigenvectors of Cov
+    else:
+        w, u = torch.linalg.eigh(xc.T @ xc / (n - 1))
+        w = w.clamp(min=0)
+    coef = (w + lam).pow(power) - lam ** power
+    return lambda vec: (vec @ u) * coef @ u.T + lam ** power * vec
 
 
 def coral(source: Any, target: Any, *, lam: float = 1.0) -> Any:
@@ -56,11 +71,11 @@ def coral(source: Any, target: Any, *, lam: float = 1.0) -> Any:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0 or not np.isfinite(lam):
         raise ValueError(f"lam must be a positive number (the ridge added to both covariances), got {lam!r}")
     s64, t64 = s.double(), t.double()
-    eye = lam * torch.eye(s.shape[1], dtype=torch.float64, device=s.device)
-    mean_s, mean_t = s64.mean(0), t64.mean(0)
-    whiten = _sym_power(torch.cov(s64.T).reshape(s.shape[1], -1) + eye, -0.5)
-    colour = _sym_power(torch.cov(t64.T).reshape(s.shape[1], -1) + eye, 0.5)
-    out = ((s64 - mean_s) @ (whiten @ colour) + mean_t).to(s.dtype)
+    mean_t = t64.mean(0)
+    sc = s64 - s64.mean(0)
+    whiten = _ridge_power(sc, float(lam), -0.5)
+    colour = _ridge_power(t64 - mean_t, float(lam), 0.5)
+    out = (colour(whiten(sc)) + mean_t).to(s.dtype)
     return out.numpy() if is_numpy else out
 
 
