@@ -380,7 +380,8 @@ class FusedIVF(_ApproximateIndex):
     # √n lists, not faiss's 4·√n: the fine step scans each list with one GEMM-shaped kernel call for
     # all the queries probing it, so long lists cost little, while the coarse step costs nlist per
     # query and every list a Python-level call.  On 500k x 32 Dirichlet data: 707 lists, nprobe 4 ->
-    # recall@10 0.978 at 8.9x exact; 2828 lists need nprobe 16 for 0.996 at 3.9x.
+    # recall@10 0.978 at 13x exact (benchmarks/results/ann-cpu.md); 2828 lists needed nprobe 16 for
+    # 0.996 at ~4x (an earlier run).
     lists_per_sqrt_n = 1.0
     # Training sample per centroid: enough for stable means, bounded cost (faiss uses 256).
     sample_per_centroid = 64
