@@ -37,10 +37,11 @@ def recall(found, exact):
     return np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)])
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2", "cosine", "kl", "js"])
-def test_ivf_probing_every_list_is_exact_knn(metric):
+@pytest.mark.parametrize("metric,engine", [("ip", "faiss"), ("l2", "faiss"), ("cosine", "faiss"), ("ip", "tlfast"),
+                                           ("l2", "tlfast"), ("cosine", "tlfast"), ("kl", "tlfast"), ("js", "tlfast")])
+def test_ivf_probing_every_list_is_exact_knn(metric, engine):
     x, q = data(metric, 3000, 16), data(metric, 50, 16, seed=1)
-    index = ann.make_index("ivf", metric, 16, nlist=20)
+    index = ann.make_index("ivf", metric, 16, nlist=20, engine=engine)
     index.add(x)
     assert index.is_trained and len(index) == 3000
     values, positions = index.search(q, 10, nprobe=20)
@@ -55,6 +56,8 @@ def test_ivf_probing_every_list_is_exact_knn(metric):
     # above what a too-small probe gives (ivf nprobe 1: 0.57; kl nprobe 1: 0.49).
     ("ivf", "cosine", {}, {"nprobe": 8}, 0.95),
     ("ivf", "l2", {}, {"nprobe": 8}, 0.95),
+    ("ivf", "cosine", {"engine": "tlfast"}, {"nprobe": 8}, 0.95),
+    ("ivf", "l2", {"engine": "tlfast"}, {"nprobe": 8}, 0.95),
     ("ivfpq", "l2", {"m": 8, "nbits": 6}, {"nprobe": 8}, 0.5),
     ("hnsw", "cosine", {"M": 16}, {"ef_search": 128}, 0.95),
     ("hnsw", "ip", {}, {}, 0.9),
@@ -132,7 +135,7 @@ def test_explicit_train_then_add():
     assert len(index) == 10
 
 
-SAVE_CASES = [("ivf", "cosine", {"nlist": 16}), ("ivfpq", "l2", {"nlist": 8, "m": 4, "nbits": 5}),
+SAVE_CASES = [("ivf", "cosine", {"nlist": 16}), ("ivf", "ip", {"nlist": 16, "engine": "tlfast"}), ("ivfpq", "l2", {"nlist": 8, "m": 4, "nbits": 5}),
               ("hnsw", "ip", {"M": 8}), ("ivf", "kl", {"nlist": 16}), ("ivf", "js", {"nlist": 8})]
 
 
@@ -164,7 +167,7 @@ def test_save_load_keeps_untrained_rows(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kind,metric,params", [SAVE_CASES[0], SAVE_CASES[3]])
+@pytest.mark.parametrize("kind,metric,params", [SAVE_CASES[0], SAVE_CASES[4]])
 def test_corrupted_or_mismatched_files_are_rejected(tmp_path, kind, metric, params):
     x = data(metric, 2500, 16)
     index = ann.make_index(kind, metric, 16, **params)
@@ -194,6 +197,14 @@ def test_errors_name_the_argument_and_the_fix():
         ann.make_index("ivf", "hamming", 8)
     with pytest.raises(ValueError, match="unknown parameter"):
         ann.make_index("hnsw", "l2", 8, nprobe=4)
+    with pytest.raises(ValueError, match="unknown parameter.*engine"):
+        ann.make_index("hnsw", "l2", 8, engine="tlfast")
+    with pytest.raises(ValueError, match="engine must be"):
+        ann.make_index("ivf", "l2", 8, engine="annoy")
+    with pytest.raises(ValueError, match="faiss has no kl.*engine='tlfast'"):
+        ann.make_index("ivf", "kl", 8, engine="faiss")
+    with pytest.raises(ValueError, match="unknown parameter.*seed"):
+        ann.make_index("ivf", "l2", 8, seed=1)  # faiss's ivf has no seed
     with pytest.raises(ValueError, match="m must divide"):
         ann.make_index("ivfpq", "l2", 10, m=3)
     with pytest.raises(ValueError, match="nlist must be a positive int"):

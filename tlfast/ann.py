@@ -16,8 +16,10 @@ Kinds and metrics:
 * ``ivf`` / ``ivfpq`` / ``hnsw`` for ``ip``, ``l2``, ``cosine``: faiss's IndexIVFFlat,
   IndexIVFPQ and IndexHNSWFlat (cosine = inner product on L2-normalised rows).  ivfpq values are
   faiss's product-quantised distance estimates, not exact distances.
-* ``ivf`` for ``kl`` and ``js``: :class:`ProbabilityIVF`, tlfast's own IVF in probability space.
-  Why not faiss: KL(q‖c) = Σq·log q − ⟨q, log c⟩ makes KL search an inner-product search over
+* ``ivf`` with ``engine="tlfast"``: :class:`FusedIVF`, an IVF whose list scans are tlfast's fused
+  kNN kernels, one GEMM-shaped call per list for all the queries probing it (faiss scans lists
+  query by query).  The only engine for ``kl`` and ``js``, where it works in probability space.
+  Why not faiss for kl: KL(q‖c) = Σq·log q − ⟨q, log c⟩ makes KL search an inner-product search over
   log c, but an inner-product IVF over log-corpus vectors clusters badly (recall@10 0.40 at
   nprobe 8 of 256 lists on clustered Dirichlet data; the MIPS→L2 augmentation < 0.02; DESIGN.md,
   "Approximate search notes").  KL is the Bregman divergence of negative entropy, and for any
@@ -49,12 +51,12 @@ from ._native import _C
 from ._validate import as_tensor, check_domain, check_matrix
 from .metrics import Metric, get_metric
 
-__all__ = ["KINDS", "make_index", "load_index", "FaissIndex", "ProbabilityIVF"]
+__all__ = ["KINDS", "make_index", "load_index", "FaissIndex", "FusedIVF"]
 
 KINDS = ("ivf", "ivfpq", "hnsw")
 # Parameters each kind takes at construction (None = chosen from the data at train time).
 _BUILD_PARAMS = {
-    "ivf": ("nlist", "nprobe"),
+    "ivf": ("nlist", "nprobe", "engine"),
     "ivfpq": ("nlist", "nprobe", "m", "nbits"),
     "hnsw": ("M", "ef_search", "ef_construction"),
 }
@@ -63,9 +65,10 @@ _SEARCH_PARAMS = {"ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("ef_search"
 _ROWS_PER_CENTROID = 39
 # Rows an index without an explicit nlist waits for before add() trains it by itself.
 _MIN_AUTO_TRAIN = 1024
-# Default probes: faiss ivf (4·√n lists) reaches recall@10 ~0.97 at nprobe 16 on clustered vectors;
-# ProbabilityIVF (√n lists) ~0.98 at nprobe 4 on clustered Dirichlet data (benchmarks/results/ann-cpu.md).
-_DEFAULT_NPROBE = {"faiss": 16, "probability": 4}
+# Default probes, from benchmarks/results/ann-cpu.md (500k rows): on clustered vectors nprobe 16
+# gives recall@10 ~0.96-0.97 with faiss's 4·√n lists and with FusedIVF's √n lists; on clustered
+# Dirichlet data FusedIVF reaches ~0.98 at nprobe 4.
+_DEFAULT_NPROBE = {"faiss": 16, "tlfast": 16, "simplex": 4}
 _FILE = {"faiss": "faiss.index", "pending": "ann_pending.npy", "centroids": "ann_centroids.npy",
          "vectors": "ann_vectors.npy", "lists": "ann_lists.npy"}
 
@@ -244,7 +247,7 @@ class FaissIndex(_ApproximateIndex):
     """faiss IndexIVFFlat / IndexIVFPQ / IndexHNSWFlat for ip, l2 and cosine (normalised ip)."""
 
     def __init__(self, kind: str, metric: Metric, dim: int, *, nlist=None, nprobe=None, m=None,
-                 nbits=None, M=None, ef_search=None, ef_construction=None):
+                 nbits=None, M=None, ef_search=None, ef_construction=None, engine: str = "faiss"):
         from .backends.faiss import _faiss
 
         faiss = _faiss()  # optional extra; ImportError saying how to install it
@@ -303,8 +306,8 @@ class FaissIndex(_ApproximateIndex):
         else:
             index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, self._metric_code)
         # k-means on at most 64 rows per list (faiss's default is 256): same recall on the
-        # benchmark data at a quarter of the training time (ProbabilityIVF samples the same way).
-        index.cp.max_points_per_centroid = ProbabilityIVF.sample_per_centroid
+        # benchmark data at a quarter of the training time (FusedIVF samples the same way).
+        index.cp.max_points_per_centroid = FusedIVF.sample_per_centroid
         index.train(self._prepare(x))
         index.own_fields = True  # the IVF index frees its quantizer
         quantizer.this.disown()
@@ -324,7 +327,7 @@ class FaissIndex(_ApproximateIndex):
         return values, positions
 
     def _build_params(self) -> dict:
-        p = {"ivf": {"nlist": self.nlist, "nprobe": self.nprobe},
+        p = {"ivf": {"nlist": self.nlist, "nprobe": self.nprobe, "engine": "faiss"},
              "ivfpq": {"nlist": self.nlist, "nprobe": self.nprobe, "m": self.m, "nbits": self.nbits},
              "hnsw": {"M": self.M, "ef_search": self.ef_search, "ef_construction": self.ef_construction}}
         return p[self.kind]
@@ -361,13 +364,15 @@ class FaissIndex(_ApproximateIndex):
         self._load_pending(directory)
 
 
-class ProbabilityIVF(_ApproximateIndex):
-    """Inverted lists in probability space for ``kl`` and ``js`` (see the module docstring).
+class FusedIVF(_ApproximateIndex):
+    """Inverted lists searched with tlfast's fused kNN kernels: ``kind="ivf"`` for kl and js (in
+    probability space, see the module docstring), and ``engine="tlfast"`` for ip / l2 / cosine.
 
     train: k-means with assignments by D(x‖μ) (tlfast's fused kNN against the centroids, k = 1)
-    and arithmetic-mean centroids, renormalised to sum 1.  search: probe the ``nprobe`` lists with
-    the smallest D(q‖μ), then exact D over their rows — one fused kNN call per probed list with
-    all the queries probing it, merged per query.
+    and mean centroids, projected back onto the metric's domain (``_project``).  search: probe the
+    ``nprobe`` best lists by D(q‖μ), then exact D over their rows — one fused kNN call per probed
+    list with all the queries probing it (GEMM-shaped, unlike faiss's per-query list scans),
+    merged per query.
     """
 
     kind = "ivf"
@@ -375,12 +380,13 @@ class ProbabilityIVF(_ApproximateIndex):
     # √n lists, not faiss's 4·√n: the fine step scans each list with one GEMM-shaped kernel call for
     # all the queries probing it, so long lists cost little, while the coarse step costs nlist per
     # query and every list a Python-level call.  On 500k x 32 Dirichlet data: 707 lists, nprobe 4 ->
-    # recall@10 0.978 at 8.9x exact; 2828 lists need nprobe 16 for 0.996 at 3.9x.
+    # recall@10 0.978 at 13x exact (benchmarks/results/ann-cpu.md); 2828 lists needed nprobe 16 for
+    # 0.996 at ~4x (an earlier run).
     lists_per_sqrt_n = 1.0
     # Training sample per centroid: enough for stable means, bounded cost (faiss uses 256).
     sample_per_centroid = 64
 
-    def __init__(self, metric: Metric, dim: int, *, nlist=None, nprobe=None, seed: int = 0):
+    def __init__(self, metric: Metric, dim: int, *, nlist=None, nprobe=None, seed: int = 0, engine: str = "tlfast"):
         super().__init__(metric, dim)
         self.nlist = _positive_int(nlist, "nlist")
         self.nprobe = _positive_int(nprobe, "nprobe")
@@ -413,6 +419,15 @@ class ProbabilityIVF(_ApproximateIndex):
             return _C.knn_cpu(q, rows, k, self.metric.code, False, 1)
         return self._nearest(q, rows, k)
 
+    def _project(self, means: np.ndarray) -> np.ndarray:
+        """Centroids back onto the metric's domain: the simplex for kl / js, the unit sphere for
+        cosine (spherical k-means); ip and l2 keep the plain mean."""
+        if self.metric.domain == "simplex":
+            return means / means.sum(1, keepdims=True)
+        if self.metric.name == "cosine":
+            return means / np.linalg.norm(means, axis=1, keepdims=True)
+        return means
+
     def _train(self, x: np.ndarray) -> None:
         rng = np.random.default_rng(self.seed)
         nlist = self.nlist = self.nlist or default_nlist(len(x), self.lists_per_sqrt_n)
@@ -426,10 +441,12 @@ class ProbabilityIVF(_ApproximateIndex):
             sums = torch.zeros(nlist, self.dim, dtype=torch.float64).index_add_(0, assign, xt.double())
             empty = (counts == 0).numpy()
             means = (sums / counts.clamp_min(1)[:, None].double()).numpy()
+            if self.metric.name == "cosine":  # a mean of opposite directions has no direction
+                empty |= np.linalg.norm(means, axis=1) < 1e-12
             # An empty list restarts at a random training row (faiss splits a big cluster instead;
             # with >= 39 rows per list, empties are rare and this is as good).
             means[empty] = x[rng.choice(len(x), int(empty.sum()), replace=False)]
-            centroids = (means / means.sum(1, keepdims=True)).astype(np.float32)
+            centroids = self._project(means).astype(np.float32)
         self.centroids = np.ascontiguousarray(centroids)
 
     def _add(self, x: np.ndarray) -> None:
@@ -455,10 +472,10 @@ class ProbabilityIVF(_ApproximateIndex):
 
     def _search(self, q: np.ndarray, k: int, nprobe: int | None = None):
         rows, positions, offsets = self._lists()
-        nprobe = min(nprobe or self.nprobe or _DEFAULT_NPROBE["probability"], len(self.centroids))
+        nprobe = min(nprobe or self.nprobe or _DEFAULT_NPROBE["simplex" if self.metric.domain == "simplex" else "tlfast"], len(self.centroids))
         probes = self._nearest(q, self.centroids, nprobe)[1]  # (nq, nprobe) lists, best first
-        # Candidates per (query, probe slot): the k best rows of that list, +inf / -1 padded.
-        cand_v = np.full((len(q), nprobe, k), np.inf, dtype=np.float32)
+        # Candidates per (query, probe slot): the k best rows of that list, -1 padded.
+        cand_v = np.full((len(q), nprobe, k), np.nan, dtype=np.float32)
         cand_p = np.full((len(q), nprobe, k), -1, dtype=np.int64)
         flat = probes.ravel()
         order = np.argsort(flat, kind="stable")
@@ -485,11 +502,11 @@ class ProbabilityIVF(_ApproximateIndex):
                 list(pool.map(scan, np.array_split(active, workers)))
         cand_v = cand_v.reshape(len(q), -1)
         cand_p = cand_p.reshape(len(q), -1)
-        values, pos = sort_best_first(cand_v, cand_p, larger_is_better=False)
+        values, pos = sort_best_first(cand_v, cand_p, self.metric.larger_is_better)
         return values[:, :k], pos[:, :k]
 
     def _build_params(self) -> dict:
-        return {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
+        return {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed, "engine": "tlfast"}
 
     def _save(self, directory: str) -> list[str]:
         if self.centroids is None:
@@ -527,15 +544,26 @@ def _check_kind_metric(kind: Any, metric: str | Metric) -> Metric:
 
 
 def make_index(kind: str, metric: str | Metric, dim: int, **params) -> _ApproximateIndex:
-    """A new, empty approximate index.  ``params`` with value None take defaults from the data."""
+    """A new, empty approximate index.  ``params`` with value None take defaults from the data.
+
+    ``kind="ivf"`` takes ``engine``: "faiss" (IndexIVFFlat; the default for ip / l2 / cosine) or
+    "tlfast" (:class:`FusedIVF`; the only engine for kl / js).
+    """
     m = _check_kind_metric(kind, metric)
     _positive_int(dim, "dim", allow_none=False)
-    allowed = _BUILD_PARAMS[kind]
-    unknown = [p for p in params if p not in allowed and not (m.domain == "simplex" and p == "seed")]
+    engine = params.get("engine")
+    if kind == "ivf":
+        engine = params["engine"] = engine or ("tlfast" if m.domain == "simplex" else "faiss")
+        if engine not in ("faiss", "tlfast"):
+            raise ValueError(f"engine must be 'faiss' or 'tlfast', got {engine!r}")
+        if engine == "faiss" and m.domain == "simplex":
+            raise ValueError(f"faiss has no {m.name} index; use engine='tlfast' (the default for {m.name})")
+    allowed = _BUILD_PARAMS[kind] + (("seed",) if engine == "tlfast" else ())
+    unknown = [p for p in params if p not in allowed]
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for kind={kind!r}; it takes {', '.join(allowed)}")
-    if m.domain == "simplex":
-        return ProbabilityIVF(m, int(dim), **params)
+    if engine == "tlfast":
+        return FusedIVF(m, int(dim), **params)
     return FaissIndex(kind, m, int(dim), **params)
 
 

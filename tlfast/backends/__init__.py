@@ -28,8 +28,8 @@ NAMES: tuple[str, ...] = ("reference", "cpu", "triton", "cuda", "faiss")
 
 # What `auto` tries per device type, fastest first, from benchmarks/results (cpu: the fused C++
 # kernels beat the reference by 30-700x on every standard case; see benchmarks/results/cpu-*.md).
-# faiss is never picked: faiss-cpu flat search is ~2x slower than the cpu kernels
-# (benchmarks/results/ann-cpu.md); it stays available by name for side-by-side runs.
+# faiss is never picked: faiss-cpu flat search is 2-7x slower than the cpu kernels (cosine
+# 500k x 128: 133 vs 927 queries/s, benchmarks/results/ann-cpu.md); it stays available by name.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     # GPU order not yet measured (no GPU run so far): the fused Triton kernels first, then the
