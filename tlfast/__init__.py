@@ -8,7 +8,9 @@
 from .backends import BackendInfo
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
+from . import distributed  # torch.distributed is imported by torch itself: no extra cost
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__"]
+__all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__",
+           "distributed"]
