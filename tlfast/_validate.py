@@ -91,12 +91,16 @@ def check_domain(t: torch.Tensor, name: str, metric: Metric) -> None:
                 row = start + int((c < 0).any(dim=1).nonzero()[0, 0])
                 raise ValueError(f"{name} row {row} has negative entries: metric '{metric.name}' "
                                  f"needs probability rows (>= 0, summing to 1)")
+            # Low-precision inputs round every entry by up to eps/2 relative, so their row sums
+            # can only be held to max(SIMPLEX_TOL, eps) (bfloat16: 0.0078).
+            tol = max(SIMPLEX_TOL, torch.finfo(t.dtype).eps) if t.dtype in (torch.float16, torch.bfloat16) \
+                else SIMPLEX_TOL
             sums = c.double().sum(dim=1)
-            bad = (sums - 1).abs() > SIMPLEX_TOL
+            bad = (sums - 1).abs() > tol
             if bool(bad.any()):
                 row = start + int(bad.nonzero()[0, 0])
                 raise ValueError(f"{name} row {row} sums to {float(sums[row - start]):.6g}, not 1 "
-                                 f"(tolerance {SIMPLEX_TOL}): metric '{metric.name}' needs probability "
+                                 f"(tolerance {tol:g}): metric '{metric.name}' needs probability "
                                  f"rows; normalise with x / x.sum(1, keepdim=True)")
 
 

@@ -93,10 +93,12 @@ def knn(queries: torch.Tensor, corpus: torch.Tensor, k: int, metric: str | Metri
     for i in range(0, nq, QUERY_CHUNK):
         qi = queries[i:i + QUERY_CHUNK]
         rows = qi.shape[0]
-        best_bad = torch.empty(rows, 0, dtype=dtype, device=dev)
+        best_bad = torch.empty(rows, 0, dtype=torch.float32, device=dev)
         best_idx = torch.empty(rows, 0, dtype=torch.int64, device=dev)
         for j in range(0, n, CORPUS_CHUNK):
-            tile = pairwise_tile(qi, corpus[j:j + CORPUS_CHUNK], m, dtype)
+            # Rank on the float32 values that are returned, so that equal returned values always
+            # come in index order (float64 GEMMs may differ in the last bit between equal rows).
+            tile = pairwise_tile(qi, corpus[j:j + CORPUS_CHUNK], m, dtype).to(torch.float32)
             bad = tile * sign if sign < 0 else tile
             cols = torch.arange(j, j + tile.shape[1], device=dev)
             if exclude_self:
@@ -108,6 +110,6 @@ def knn(queries: torch.Tensor, corpus: torch.Tensor, k: int, metric: str | Metri
             order = torch.sort(cand_bad, dim=1, stable=True).indices[:, :k]
             best_bad = cand_bad.gather(1, order)
             best_idx = cand_idx.gather(1, order)
-        values[i:i + rows] = (best_bad * sign if sign < 0 else best_bad).to(torch.float32)
+        values[i:i + rows] = best_bad * sign if sign < 0 else best_bad
         indices[i:i + rows] = best_idx
     return values, indices

@@ -9,7 +9,7 @@ int device_count(std::string* why) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    if (why) *why = cudaGetErrorString(err);
+    if (why) *why = std::string("no usable CUDA device: ") + cudaGetErrorString(err);
     cudaGetLastError();  // clear the sticky error so later calls start clean
     return 0;
   }
