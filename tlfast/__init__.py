@@ -8,9 +8,27 @@
 from .backends import BackendInfo
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
+from . import domain
+from .index import Index
+from .match import Matches, match
 from . import distributed  # torch.distributed is imported by torch itself: no extra cost
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__",
+           "Index", "KNNClassifier", "LinearProbe", "Matches", "domain", "match", "transfer",
            "distributed"]
+
+# The training stage needs scikit-learn (the `train` extra): imported on first use, so that
+# `import tlfast` works without it.
+_TRAIN = ("KNNClassifier", "LinearProbe", "transfer")
+
+
+def __getattr__(name: str):
+    if name in _TRAIN:
+        try:
+            from . import train
+        except ImportError as exc:
+            raise ImportError(f"tlfast.{name} needs scikit-learn: pip install 'tlfast[train]' ({exc})") from exc
+        return getattr(train, name)
+    raise AttributeError(f"module 'tlfast' has no attribute {name!r}")

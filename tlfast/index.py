@@ -1,0 +1,508 @@
+"""A searchable collection of vectors: exact (flat) or approximate, in memory or memory-mapped.
+
+    index = tlfast.Index("cosine", dtype="float16")
+    index.add(features, ids=doc_ids)
+    res = index.search(queries, k=10)                         # KnnResult, indices are ids
+    res = index.search(queries, 10, memory_budget="2GB")      # out-of-core: block by block
+    index.save("my-index");  tlfast.Index.load("my-index", mmap=True)
+
+Storage is a list of segments (each added batch, each shard of a FeatureStore, or the one
+memory-mapped file of a loaded index), so that a corpus larger than memory is never copied: an
+exact search runs the fused kernel over one block at a time and merges the per-block top-k.
+
+Merging is exact.  Every block returns its top-k best first with ties toward the smaller
+position, and every position of a block is larger than every position seen before it, so a
+stable sort of [running top-k, block top-k] by value keeps exact ties in position order - the
+same answer the kernel gives over the whole corpus at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .backends import resolve as _resolve_backend
+from ._validate import as_tensor, check_domain, check_matrix
+from .metrics import get_metric
+from .ops import KnnResult
+
+__all__ = ["Index", "parse_bytes"]
+
+FORMAT = "tlfast.index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_VECTORS = "vectors.npy"
+_IDS = "ids.npy"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# numpy has no bfloat16: its bits are stored as uint16 and viewed back on load.
+_NPY_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+# Block size when host-resident vectors must travel to a GPU and no budget was given.
+_DEFAULT_TRANSFER_BUDGET = 256 * 2**20
+_HASH_CHUNK = 2**24
+
+
+def parse_bytes(value: Any, name: str = "memory_budget") -> int:
+    """Bytes in ``value``: an int, or a string such as "2GB", "512 MiB", "1.5g" (binary units)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a byte count or a string such as '2GB', got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{name}={value!r} is not a size; write e.g. '2GB', '512MB' or a byte count")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise TypeError(f"{name} must be a byte count or a string such as '2GB', got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_ids(ids: Any, n: int) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got dtype {arr.dtype}; pass e.g. np.arange(n)")
+    if arr.shape != (n,):
+        raise ValueError(f"ids must have shape ({n},) (one per row of x), got {arr.shape}")
+    arr = arr.astype(np.int64)
+    if n and arr.min() < 0:
+        raise ValueError("ids must be >= 0 (-1 marks 'no neighbour' in results)")
+    return arr
+
+
+def _merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, positions: torch.Tensor,
+                k: int, larger_is_better: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the running best and one block's top-k (block positions all larger): see module doc."""
+    if best is not None:
+        values = torch.cat([best[0], values], dim=1)
+        positions = torch.cat([best[1], positions], dim=1)
+    key = -values if larger_is_better else values
+    order = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    return values.gather(1, order), positions.gather(1, order)
+
+
+class Index:
+    """Vectors to search, with ids, persistence and out-of-core search.
+
+    Args:
+        metric: "cosine" (default), "ip", "l2" (squared), "kl" or "js"; see ``tlfast.METRICS``.
+        dim: vector dimension; taken from the first ``add`` when None.
+        dtype: storage dtype, "float32", "float16" or "bfloat16".  Half precision halves memory;
+            distances are still accumulated in float32, so only the stored vectors are rounded
+            (relative error about 2^-11 for float16 and 2^-8 for bfloat16 per coordinate; neighbours
+            whose values differ by less than that may swap).  float16 rejects values beyond +-65504.
+        device: "cpu" or "cuda[:n]": where in-memory vectors live and where searching runs.
+        kind: "flat" (exact, tlfast's kernels) or an approximate kind provided by ``tlfast.ann``
+            ("ivf", "ivfpq", "hnsw", ...), which receives ``**params``.
+    """
+
+    def __init__(self, metric: str = "cosine", *, dim: int | None = None, dtype: str = "float32",
+                 device: str | torch.device = "cpu", kind: str = "flat", **params: Any) -> None:
+        self.metric = get_metric(metric)
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
+            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        self.dim = None if dim is None else int(dim)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {device!r}") from exc
+        if not isinstance(kind, str):
+            raise ValueError(f"kind must be a string such as 'flat' or 'ivf', got {kind!r}")
+        if kind == "flat" and params:
+            raise ValueError(f"kind='flat' takes no parameters, got {sorted(params)}; "
+                             f"parameters such as nlist belong to approximate kinds (kind='ivf')")
+        self.kind = kind
+        self.params = dict(params)
+        self._segments: list[torch.Tensor] = []
+        self._ids: list[np.ndarray] | None = None  # None: ids are positions 0..count-1
+        self._count = 0
+        self._ann: Any = None
+        self._mapped = False  # segments view files (memory-mapped): never concatenate them in RAM
+
+    # ------------------------------------------------------------------ building
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return (f"Index(metric={self.metric.name!r}, dim={self.dim}, dtype={self.dtype!r}, "
+                f"device={str(self.device)!r}, kind={self.kind!r}, count={self._count})")
+
+    def _prepare(self, x: Any, name: str) -> torch.Tensor:
+        t, _ = as_tensor(x, name)
+        check_matrix(t, name)
+        if self.dim is not None and t.shape[1] != self.dim:
+            raise ValueError(f"dimension mismatch: {name} has dim {t.shape[1]}, the index has dim {self.dim}")
+        check_domain(t, name, self.metric)
+        return t
+
+    def _to_storage(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        dt = _DTYPES[self.dtype]
+        out = t.to(device=self.device, dtype=dt)
+        if dt != t.dtype and dt == torch.float16 and not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{name} has values beyond the float16 range (+-65504); "
+                             f"use Index(dtype='float32') or 'bfloat16'")
+        return out
+
+    def _ann_module(self):
+        try:
+            from . import ann
+        except ImportError as exc:
+            raise ValueError(f"kind={self.kind!r} needs tlfast.ann (approximate indexes), which is not "
+                             f"available here ({exc}); use kind='flat' for exact search") from exc
+        return ann
+
+    def _ids_after_add(self, ids: Any, n: int) -> list[np.ndarray] | None:
+        """The id table once ``n`` rows with ``ids`` are added (validated; the index is not touched)."""
+        if ids is None:
+            if self._ids is None:
+                return None
+            return [*self._ids, np.arange(self._count, self._count + n, dtype=np.int64)]
+        new = _as_ids(ids, n)
+        if np.unique(new).size != n:
+            raise ValueError("ids contain duplicates; every vector needs its own id")
+        old = self._ids if self._ids is not None else [np.arange(self._count, dtype=np.int64)]
+        if self._count and np.isin(new, np.concatenate(old)).any():
+            raise ValueError("ids repeat ids already in the index; every vector needs its own id")
+        return [*old, new] if self._count else [new]
+
+    def train(self, x: Any) -> "Index":
+        """Train an approximate index (clustering, codebooks) on representative vectors ``x``.
+
+        ``add`` trains on its first batch when this was not called; a flat index needs no training.
+        """
+        t = self._prepare(x, "x")
+        if self.kind == "flat":
+            return self
+        self._ensure_ann(t.shape[1])
+        self._ann.train(t.to("cpu", torch.float32).contiguous().numpy())
+        return self
+
+    def _ensure_ann(self, dim: int) -> None:
+        if self._ann is None:
+            self.dim = dim
+            self._ann = self._ann_module().make_index(self.kind, self.metric.name, dim, **self.params)
+
+    def add(self, x: Any, ids: Any = None) -> "Index":
+        """Append the rows of ``x`` (n, dim), numpy or torch, with integer ``ids`` (default: positions).
+
+        Rows are validated for the metric once, here (finite; non-zero for cosine; probability rows
+        for kl / js), so searching never re-scans the corpus.
+        """
+        t = self._prepare(x, "x")
+        n = t.shape[0]
+        new_ids = self._ids_after_add(ids, n)
+        if self.kind == "flat":
+            self._segments.append(self._to_storage(t, "x"))
+        else:
+            self._ensure_ann(t.shape[1])
+            host = t.to("cpu", torch.float32).contiguous().numpy()
+            if not self._ann.is_trained:
+                self._ann.train(host)
+            self._ann.add(host)
+        self._ids = new_ids
+        self.dim = t.shape[1]
+        self._count += n
+        return self
+
+    @classmethod
+    def from_store(cls, store: Any, metric: str = "cosine", *, device: str | torch.device = "cpu",
+                   validate: bool = True) -> "Index":
+        """An exact index over a ``tlfast.FeatureStore`` (or any object with ``len``, slicing and
+        ``shards()`` yielding (rows, dim) arrays), without copying: each memory-mapped shard becomes
+        a segment, so the store may be larger than memory (search it with ``memory_budget``).
+
+        The storage dtype is the store's (float32 / float16); ``validate`` scans the shards once
+        for the metric's input domain.
+        """
+        if not hasattr(store, "__len__"):
+            raise TypeError(f"store must be a FeatureStore-like object with len() and shards(), "
+                            f"got {type(store).__name__}")
+        shards = store.shards() if hasattr(store, "shards") else (store[i:i + 65536] for i in range(0, len(store), 65536))
+        index: Index | None = None
+        for i, shard in enumerate(shards):
+            t, _ = as_tensor(shard, f"store shard {i}")
+            check_matrix(t, f"store shard {i}")
+            if t.dtype == torch.float64:
+                t = t.float()
+            dtype = next(name for name, dt in _DTYPES.items() if dt == t.dtype)
+            if index is None:
+                index = cls(metric, dim=t.shape[1], dtype=dtype, device=device)
+            if t.shape[1] != index.dim or dtype != index.dtype:
+                raise ValueError(f"store shard {i} has dim {t.shape[1]} and dtype {dtype}, the first shard "
+                                 f"dim {index.dim} and dtype {index.dtype}; a store holds one kind of vector")
+            if validate:
+                check_domain(t, f"store shard {i}", index.metric)
+            index._segments.append(t if t.device.type == "cpu" else t.to(index.device))
+            index._count += t.shape[0]
+        if index is None or index._count == 0:
+            raise ValueError("store is empty; extract some features into it first")
+        index._mapped = True
+        if index._count != len(store):
+            raise ValueError(f"store reports {len(store)} rows but its shards hold {index._count}; "
+                             f"the store is inconsistent (re-open or rebuild it)")
+        return index
+
+    # ------------------------------------------------------------------ searching
+    def _positions_to_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._ids is None:
+            return positions
+        if len(self._ids) > 1:
+            self._ids = [np.concatenate(self._ids)]
+        table = torch.from_numpy(self._ids[0]).to(positions.device)
+        out = table[positions.clamp(min=0)]
+        return torch.where(positions < 0, positions, out)
+
+    def _blocks(self, rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position, block) over the stored vectors, each at most ``rows`` rows (None: whole)."""
+        if rows is None and len(self._segments) > 1 and not self._mapped:
+            # In-memory batches are joined once so that one kernel call sees the whole corpus.
+            self._segments = [torch.cat(self._segments)]
+        start = 0
+        for seg in self._segments:
+            step = seg.shape[0] if rows is None else rows
+            for lo in range(0, seg.shape[0], step):
+                yield start + lo, seg[lo:lo + step]
+            start += seg.shape[0]
+
+    def _on_device(self, blocks: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Blocks moved to the index device; on CUDA the next block's host->device copy runs on a
+        side stream (from pinned memory) while the current block is searched."""
+        if self.device.type != "cuda":
+            yield from blocks
+            return
+        compute = torch.cuda.current_stream(self.device)
+        copier = torch.cuda.Stream(self.device)
+
+        def start_copy(item):
+            pos, blk = item
+            if blk.device == self.device:
+                return pos, blk, None
+            with torch.cuda.stream(copier):
+                dev = blk.pin_memory().to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copier)
+            return pos, dev, done
+
+        pending = None
+        for item in blocks:
+            nxt = start_copy(item)
+            if pending is not None:
+                yield _ready(pending, compute)
+            pending = nxt
+        if pending is not None:
+            yield _ready(pending, compute)
+
+    def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None,
+               **search_params: Any) -> KnnResult:
+        """The ``k`` best stored vectors for each query, as ``KnnResult(values, indices)`` where
+        ``indices`` are the ids given to ``add`` (-1 where an approximate index found fewer than k).
+
+        Args:
+            queries: (nq, dim) numpy array or torch tensor; results come back the same kind (torch:
+                on the queries' device).
+            k: 1 <= k <= len(index).
+            backend: for exact search, as in ``tlfast.knn``.
+            memory_budget: bytes ("2GB", "512MB" or an int) of stored vectors to hold at once;
+                the corpus is then streamed block by block (memory-mapped storage is read from disk
+                as it goes; on GPU, host->device copies overlap with compute) and the per-block top-k
+                merged.  Results equal a search without a budget.
+            **search_params: approximate kinds only (e.g. ``nprobe``, ``ef_search``).
+        """
+        if self._count == 0:
+            raise ValueError("the index is empty; add vectors with index.add(x) before searching")
+        q, is_numpy = as_tensor(queries, "queries")
+        check_matrix(q, "queries")
+        if q.shape[1] != self.dim:
+            raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, the index has dim {self.dim}")
+        check_domain(q, "queries", self.metric)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        k = int(k)
+        if not 1 <= k <= self._count:
+            raise ValueError(f"k must be between 1 and {self._count} (the index size), got k={k}")
+        out_device = q.device
+        if self.kind != "flat":
+            if memory_budget is not None:
+                raise ValueError(f"memory_budget applies to exact search; kind={self.kind!r} keeps its own "
+                                 f"compressed storage (drop memory_budget)")
+            values, positions = self._ann.search(q.to("cpu", torch.float32).contiguous().numpy(), k, **search_params)
+            values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+            positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        else:
+            if search_params:
+                raise ValueError(f"unknown search parameters {sorted(search_params)}: an exact (flat) index "
+                                 f"takes none; they belong to approximate kinds")
+            values, positions = self._search_flat(q.to(self.device), k, backend, memory_budget)
+        ids = self._positions_to_ids(positions)
+        values, ids = values.to(out_device), ids.to(out_device)
+        return KnnResult(values.numpy(), ids.numpy()) if is_numpy else KnnResult(values, ids)
+
+    def _search_flat(self, q: torch.Tensor, k: int, backend: str, memory_budget: Any):
+        impl = _resolve_backend(backend, self.device)
+        rows = None
+        if memory_budget is not None:
+            # Working set of one block: its stored bytes plus the float32 copy the kernel reads.
+            per_row = self.dim * (4 + (0 if self.dtype == "float32" else _DTYPES[self.dtype].itemsize))
+            rows = parse_bytes(memory_budget) // per_row
+            if rows < 1:
+                raise ValueError(f"memory_budget={memory_budget!r} is smaller than one stored row "
+                                 f"({per_row} bytes); raise it")
+        elif self.device.type == "cuda" and any(s.device != self.device for s in self._segments):
+            rows = max(1, _DEFAULT_TRANSFER_BUDGET // (self.dim * 4))
+        best = None
+        for start, block in self._on_device(self._blocks(rows)):
+            kb = min(k, block.shape[0])
+            values, pos = impl.knn(q, block, kb, self.metric, False)
+            pos = pos.to(torch.int64) + start
+            best = (values, pos) if best is None and kb == k else _merge_topk(best, values, pos, k,
+                                                                               self.metric.larger_is_better)
+        return best
+
+    # ------------------------------------------------------------------ persistence
+    def _manifest(self, files: dict[str, dict]) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "metric": self.metric.name,
+                "dim": self.dim, "dtype": self.dtype, "count": self._count, "kind": self.kind,
+                "params": self._ann.params() if self._ann is not None else self.params,
+                "files": files}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the index to the directory ``path``: ``manifest.json`` (format version, metric, dim,
+        dtype, count, kind, params, sha256 and size of every file) plus ``vectors.npy`` / ``ids.npy``
+        (or the approximate index's own files).  Everything is written into a temporary directory
+        beside ``path`` and renamed into place, so a crash never leaves a half-written index.
+        """
+        path = Path(path)
+        if self._count == 0:
+            raise ValueError("the index is empty; add vectors before saving")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            names = self._write_data(tmp)
+            files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(self._manifest(files), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.rename(path, old / path.name)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _write_data(self, directory: Path) -> list[str]:
+        names: list[str] = []
+        if self.kind == "flat":
+            # Segment by segment into one memory-mapped file: saving never needs the corpus in RAM.
+            out = np.lib.format.open_memmap(directory / _VECTORS, mode="w+", dtype=_NPY_DTYPE[self.dtype],
+                                            shape=(self._count, self.dim))
+            for start, block in self._blocks(65536):
+                b = block.cpu()
+                out[start:start + b.shape[0]] = (b.view(torch.uint16) if self.dtype == "bfloat16" else b).numpy()
+            out.flush()
+            del out
+            names.append(_VECTORS)
+        else:
+            names.extend(self._ann.save(str(directory)))
+        if self._ids is not None:
+            np.save(directory / _IDS, np.concatenate(self._ids))
+            names.append(_IDS)
+        return names
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False, device: str | torch.device = "cpu",
+             verify: bool = True) -> "Index":
+        """Open an index written by :meth:`save`.
+
+        Every file's size is checked, and its sha256 when ``verify`` (one sequential read); a
+        truncated or corrupted file raises ``ValueError`` naming it.  ``mmap=True`` leaves exact
+        vectors on disk (memory-mapped, read-only), for corpora larger than memory: search them
+        with ``memory_budget``.
+        """
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} is not a tlfast index: {MANIFEST} is missing")
+        try:
+            meta = json.loads((path / MANIFEST).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path / MANIFEST} is corrupted ({exc}); re-save the index") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{path / MANIFEST} is not a tlfast index manifest")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} has index format version {meta['format_version']}; this tlfast reads "
+                             f"up to {FORMAT_VERSION} (upgrade tlfast)")
+        for name, rec in meta["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise ValueError(f"index file {name!r} is missing from {path}")
+            size = f.stat().st_size
+            if size != rec["bytes"]:
+                raise ValueError(f"index file {name!r} in {path} is truncated or altered: {size} bytes, "
+                                 f"expected {rec['bytes']}; re-save the index")
+            if verify and _sha256(f) != rec["sha256"]:
+                raise ValueError(f"index file {name!r} in {path} is corrupted (sha256 mismatch); re-save the index")
+        count, dim, dtype = int(meta["count"]), int(meta["dim"]), meta["dtype"]
+        params = meta["params"] if meta["kind"] != "flat" else {}
+        index = cls(meta["metric"], dim=dim, dtype=dtype, device=device, kind=meta["kind"], **params)
+        if index.kind == "flat":
+            arr = np.load(path / _VECTORS, mmap_mode="r" if mmap else None, allow_pickle=False)
+            if arr.shape != (count, dim) or arr.dtype != _NPY_DTYPE[dtype]:
+                raise ValueError(f"index file {_VECTORS!r} in {path} holds {arr.shape} {arr.dtype}, the manifest "
+                                 f"says ({count}, {dim}) {dtype}; re-save the index")
+            with warnings.catch_warnings():  # memory-mapped arrays are read-only; tlfast never writes them
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
+            if dtype == "bfloat16":
+                t = t.view(torch.bfloat16)
+            index._segments = [t if (mmap or index.device.type == "cpu") else t.to(index.device)]
+            index._mapped = mmap
+        else:
+            index._ann = index._ann_module().load_index(index.kind, str(path), meta)
+        if _IDS in meta["files"]:
+            ids = np.load(path / _IDS, allow_pickle=False)
+            if ids.shape != (count,):
+                raise ValueError(f"index file {_IDS!r} in {path} holds {ids.shape} ids for {count} vectors")
+            index._ids = [ids.astype(np.int64, copy=False)]
+        index._count = count
+        return index
+
+
+def _ready(item, compute: torch.cuda.Stream) -> tuple[int, torch.Tensor]:
+    pos, blk, done = item
+    if done is not None:
+        compute.wait_event(done)
+        blk.record_stream(compute)  # the allocator must not reuse the block before compute ends
+    return pos, blk
