@@ -7,6 +7,7 @@ here can hang: the ranks run under a join deadline and are killed past it.
 from __future__ import annotations
 
 import datetime
+import json
 import importlib
 import os
 import socket
@@ -91,6 +92,15 @@ def ok(result):
     assert result is not None, "rank produced no result"
     assert result[0] == "ok", f"rank raised {result[1]}: {result[2]}\n{result[3]}"
     return result[1]
+
+
+def all_ok(results):
+    """Every rank's value; on failure, every rank's report (the root cause is often on a peer)."""
+    failed = [(r, res) for r, res in enumerate(results) if res is None or res[0] != "ok"]
+    if failed:
+        pytest.fail("\n".join(f"rank {r}: " + ("no result" if res is None else f"{res[1]}: {res[3]}")
+                              for r, res in failed))
+    return [res[1] for res in results]
 
 
 # ---------------------------------------------------------------- data
@@ -212,7 +222,7 @@ def dying_program(rank, world, sharded, mode):
 
 @pytest.fixture(scope="module")
 def knn_results():
-    return [ok(r) for r in run_ranks(knn_program)]
+    return all_ok(run_ranks(knn_program))
 
 
 @pytest.mark.parametrize("case", knn_cases(), ids=lambda c: c[0])
@@ -260,7 +270,7 @@ def test_mismatch_raises_on_every_rank(knn_results, name):
         got_type, message = r["errors"][name]
         assert got_type == want_type and text in message, f"rank {rank}: {got_type}: {message}"
     if name in ("nan", "int-dtype"):  # the peer names the rank whose inputs were bad
-        assert "rank 1 rejected its inputs" in knn_results[0]["errors"][name][1]
+        assert "rank 1 failed: " in knn_results[0]["errors"][name][1]
 
 
 def test_group_usable_after_rejected_calls(knn_results):
@@ -298,3 +308,128 @@ def test_merge_topk_pads_sort_after_real_worst_values():
     indices = torch.tensor([[tld.PAD_INDEX, 7, 9, 3]])
     v, i = tld.merge_topk(values, indices, 3, larger_is_better=False)
     assert i.tolist() == [[7, 3, 9]] and v.tolist() == [[0.5, inf, inf]]
+
+
+# ---------------------------------------------------------------- ShardedIndex
+
+def ids_for(n: int) -> np.ndarray:
+    # Decreasing ids: a merge that broke exact ties by id instead of by position would be caught.
+    return np.arange(5000, 5000 - 3 * n, -3, dtype=np.int64)
+
+
+def index_cases():
+    """(name, metric, k, ids, ties, storage dtype, rank 1 empty)."""
+    cases = [(f"{m}-k{k}", m, k, False, False, "float32", False) for m in METRICS for k in (1, 20, N)]
+    cases += [(f"{m}-ties-ids", m, 9, True, True, "float32", False) for m in ("ip", "l2", "kl")]
+    cases += [("cosine-float16", "cosine", 7, False, False, "float16", False),
+              ("l2-ids-empty-rank", "l2", 6, True, False, "float32", True)]
+    return cases
+
+
+def build_sharded(rank, name, metric, ids, ties, dtype, empty):
+    q, c = case_inputs(metric, torch.float32, ties)
+    split = N if empty else SPLIT
+    index = tld.ShardedIndex(metric, dtype=dtype, timeout=30)
+    lo, hi = (0, split) if rank == 0 else (split, N)
+    all_ids = ids_for(N)
+    for a, b in ((lo, min(lo + 6, hi)), (min(lo + 6, hi), hi)):  # two adds per rank
+        if b > a:
+            index.add(c[a:b], ids=all_ids[a:b] if ids else None)
+    return index, q
+
+
+def index_program(rank, world, outdir):
+    out = {}
+    for name, metric, k, ids, ties, dtype, empty in index_cases():
+        index, q = build_sharded(rank, name, metric, ids, ties, dtype, empty)
+        res = index.search(q, k)
+        saved = index.save(os.path.join(outdir, name))
+        loaded = tld.ShardedIndex.load(saved, timeout=30, mmap=name.endswith("k20"))
+        again = loaded.search(q.numpy(), k)
+        out[name] = (res.values, res.indices, torch.from_numpy(again.values), torch.from_numpy(again.indices))
+    out["errors"] = index_error_program(rank, outdir)
+    return out
+
+
+def index_error_program(rank, outdir):
+    q, c = make_inputs("ip", 4, 10, 3)
+    path = os.path.join(outdir, "errors")
+    index = tld.ShardedIndex("ip", timeout=30).add(c[:5] if rank == 0 else c[5:])
+    index.save(path)
+
+    def corrupt():
+        if rank == 1:  # flip a byte of rank 1's vectors: sizes still match, the sha256 does not
+            f = os.path.join(path, "shard-00001", "vectors.npy")
+            data = bytearray(open(f, "rb").read())
+            data[-1] ^= 0xFF
+            open(f, "wb").write(bytes(data))
+        return tld.ShardedIndex.load(path, timeout=30)
+
+    calls = {
+        "save-exists": lambda: index.save(path),
+        "metric": lambda: tld.ShardedIndex("l2" if rank else "ip", timeout=30).add(c).search(q, 2),
+        "empty": lambda: tld.ShardedIndex("ip", timeout=30).search(q, 2),
+        "k-too-large": lambda: index.search(q, 11),
+        "corrupt": corrupt,
+    }
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = ("returned", "")
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def index_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("sharded"))
+    return all_ok(run_ranks(index_program, outdir)), outdir
+
+
+@pytest.mark.parametrize("case", index_cases(), ids=lambda c: c[0])
+def test_sharded_index_matches_one_index_and_survives_save_load(index_results, case):
+    results, outdir = index_results
+    name, metric, k, ids, ties, dtype, empty = case
+    q, c = case_inputs(metric, torch.float32, ties)
+    expected = tlfast.Index(metric, dtype=dtype).add(c, ids=ids_for(N) if ids else None).search(q, k)
+    for rank, r in enumerate(results):
+        values, indices, loaded_values, loaded_indices = r[name]
+        assert torch.equal(indices, expected.indices), f"rank {rank}: {name} differs from one Index"
+        assert torch.equal(values, expected.values)
+        assert torch.equal(loaded_indices, expected.indices), f"rank {rank}: {name} after save/load"
+        assert torch.equal(loaded_values, expected.values)
+    manifest = json.loads(open(os.path.join(outdir, name, "manifest.json")).read())
+    assert manifest["world_size"] == 2 and manifest["count"] == N and manifest["ids"] == ids
+    assert manifest["counts"] == ([N, 0] if empty else [SPLIT, N - SPLIT])
+
+
+INDEX_ERRORS = {
+    "save-exists": ("FileExistsError", "overwrite=True"),
+    "metric": ("ValueError", "rank 0: ip, rank 1: l2"),
+    "empty": ("ValueError", "empty on every rank"),
+    "k-too-large": ("ValueError", "k must be between 1 and 10"),
+    "corrupt": ("ValueError", "sha256"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INDEX_ERRORS))
+def test_sharded_index_errors_raise_on_every_rank(index_results, name):
+    want_type, text = INDEX_ERRORS[name]
+    for rank, r in enumerate(index_results[0]):
+        got_type, message = r["errors"][name]
+        assert got_type == want_type and text in message, f"rank {rank}: {got_type}: {message}"
+    if name == "corrupt":
+        assert "rank 1 failed: " in index_results[0][0]["errors"][name][1]
+
+
+def test_sharded_index_add_rules():
+    index = tld.ShardedIndex("ip").add(np.ones((3, 2), np.float32), ids=[4, 5, 6])
+    with pytest.raises(ValueError, match="give ids to every add"):
+        index.add(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="ids repeat"):
+        index.add(np.ones((2, 2), np.float32), ids=[6, 7])
+    assert len(index) == 3
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        index.search(np.ones((1, 2), np.float32), 1)

@@ -31,7 +31,10 @@ destroy it and restart the job (as torchrun's elastic agent does).
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,10 +43,11 @@ import torch.distributed as dist
 
 from ._validate import as_tensor, check_domain, check_matrix, validate_k
 from .backends import resolve as resolve_backend
+from .index import Index, _as_ids, _sha256
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
 
-__all__ = ["PeerError", "knn", "merge_topk"]
+__all__ = ["PeerError", "ShardedIndex", "knn", "merge_topk"]
 
 # Index that sorts after every real global index: marks padding candidates.
 PAD_INDEX = torch.iinfo(torch.int64).max
@@ -52,10 +56,17 @@ _GATHER_BYTES = 256 << 20
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 # Descriptor layout: _FIELDS int64 values, then an error message of _MSG_BYTES utf-8 bytes.
-_FIELDS = ("status", "op", "dim", "metric", "k", "dtype", "rows", "queries", "sharded", "fingerprint")
+_FIELDS = ("status", "op", "dim", "metric", "k", "dtype", "rows", "queries", "sharded", "fingerprint", "ids")
 _MSG_BYTES = 480
-_STATUS_OK, _STATUS_VALUE, _STATUS_TYPE = 0, 1, 2
-OP_KNN, OP_INDEX_SEARCH, OP_INDEX_ADD = 1, 2, 3
+# A rank's local failure travels as a status code: the peers raise the same class, naming the rank.
+_STATUS_OK = 0
+_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError)
+# Fields that a rank may leave unknown (-1): a rank with no rows yet knows no dim and no ids mode.
+_UNKNOWN = -1
+_MAY_BE_UNKNOWN = ("dim", "ids")
+OP_KNN, OP_INDEX_SEARCH, OP_INDEX_SAVE, OP_INDEX_LOAD = 1, 2, 3, 4
+_OP_NAMES = {OP_KNN: "knn", OP_INDEX_SEARCH: "ShardedIndex.search", OP_INDEX_SAVE: "ShardedIndex.save",
+             OP_INDEX_LOAD: "ShardedIndex.load"}
 
 
 class PeerError(RuntimeError):
@@ -125,7 +136,7 @@ def exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, 
     status = _STATUS_OK
     message = ""
     if error is not None:
-        status = _STATUS_TYPE if isinstance(error, TypeError) else _STATUS_VALUE
+        status = 1 + next((i for i, cls in enumerate(_ERRORS) if isinstance(error, cls)), len(_ERRORS) - 1)
         message = str(error)
     values = [status] + [int(fields.get(name, 0)) for name in _FIELDS[1:]]
     head = np.asarray(values, dtype=np.int64).view(np.uint8)
@@ -145,14 +156,15 @@ def exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, 
         raise error
     for r, d in enumerate(rows):
         if d["status"] != _STATUS_OK:
-            cls = TypeError if d["status"] == _STATUS_TYPE else ValueError
-            raise cls(f"rank {r} rejected its inputs: {d['message']}")
-    names = {"op": None, "dim": None, "metric": None, "k": None, "dtype": None, "sharded": None}
+            cls = _ERRORS[min(d["status"], len(_ERRORS)) - 1]
+            raise cls(f"rank {r} failed: {d['message']}")
+    names = ["op", "dim", "metric", "k", "dtype", "sharded", "ids"]
     if not fields.get("sharded", 0):
-        names.update(queries=None, fingerprint=None)
+        names += ["queries", "fingerprint"]
     for name in names:
         seen = [d[name] for d in rows]
-        if len(set(seen)) > 1:
+        known = {v for v in seen if not (name in _MAY_BE_UNKNOWN and v == _UNKNOWN)}
+        if len(known) > 1:
             raise ValueError(f"ranks disagree on {_describe(name)}: {_per_rank(name, seen)}; every rank "
                              f"must make the same call{_hint(name)}")
     return rows
@@ -161,15 +173,15 @@ def exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, 
 def _describe(name: str) -> str:
     return {"op": "the operation", "dim": "the vector dimension", "metric": "the metric",
             "k": "k", "dtype": "the corpus dtype", "sharded": "sharded_queries",
-            "queries": "the number of queries", "fingerprint": "the queries (checksums differ)"}[name]
+            "queries": "the number of queries", "fingerprint": "the queries (checksums differ)",
+            "ids": "whether ids were given to add"}[name]
 
 
 def _per_rank(name: str, seen: list[int]) -> str:
     fmt = {"metric": lambda v: next((m.name for m in METRICS.values() if m.code == v), str(v)),
            "dtype": lambda v: str(_DTYPES.get(v, v)).replace("torch.", ""),
-           "op": lambda v: {OP_KNN: "knn", OP_INDEX_SEARCH: "ShardedIndex.search",
-                            OP_INDEX_ADD: "ShardedIndex.add"}.get(v, str(v)),
-           "sharded": lambda v: str(bool(v)),
+           "op": lambda v: _OP_NAMES.get(v, str(v)),
+           "sharded": lambda v: str(bool(v)), "ids": lambda v: str(bool(v)),
            "fingerprint": lambda v: f"{v:08x}"}.get(name, str)
     return ", ".join(f"rank {r}: {fmt(v)}" for r, v in enumerate(seen))
 
@@ -180,6 +192,8 @@ def _hint(name: str) -> str:
                 "sharded_queries=True to search each rank's own queries)")
     if name == "dtype":
         return " (cast every shard to one dtype)"
+    if name == "ids":
+        return " (give ids on every rank or on none)"
     return ""
 
 
@@ -195,8 +209,8 @@ def worst_value(larger_is_better: bool) -> float:
     return float("-inf") if larger_is_better else float("inf")
 
 
-def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool):
-    """The best ``k`` of (n, c) candidates per row, best first, exact ties to the smaller index.
+def merge_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool) -> torch.Tensor:
+    """Columns of the best ``k`` of (n, c) candidates per row: best first, exact ties to the smaller index.
 
     Equivalent to sorting each row by the key (value, index) -- value in the metric's direction --
     and keeping the first k: a stable sort by index, then a stable sort by value.  Padding
@@ -204,9 +218,14 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_be
     the worst value (+inf KL).
     """
     by_index = torch.argsort(indices, dim=1, stable=True)
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    by_value = torch.argsort(values, dim=1, descending=larger_is_better, stable=True)[:, :k]
-    return values.gather(1, by_value), indices.gather(1, by_value)
+    by_value = torch.argsort(values.gather(1, by_index), dim=1, descending=larger_is_better, stable=True)
+    return by_index.gather(1, by_value[:, :k])
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool):
+    """(values, indices) of the best ``k`` candidates per row; see :func:`merge_order`."""
+    order = merge_order(values, indices, k, larger_is_better)
+    return values.gather(1, order), indices.gather(1, order)
 
 
 def local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]], n: int, rows: int,
@@ -226,20 +245,27 @@ def local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
 
 
 def gather_and_merge(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool, *,
-                     group, timeout, rank: int, world: int, device: torch.device):
+                     payload: torch.Tensor | None = None, group, timeout, rank: int, world: int,
+                     device: torch.device):
     """All-gather every rank's (n, k) candidates and merge them into the global best k.
 
-    One collective per call: value (4 bytes) and index (8 bytes) travel packed in a (n, 12k) byte
-    tensor, the ``world * k * 12`` bytes per query of the cost model (benchmarks/SCALING.md).
+    One collective per call: value (4 bytes) and global index (8 bytes) travel packed in a (n, 12k)
+    byte tensor, the ``world * k * 12`` bytes per query of the cost model (benchmarks/SCALING.md).
+    An int64 ``payload`` per candidate (a ShardedIndex's ids) rides along, 8 bytes more, and is
+    returned in merged order as a third result.
     """
     n = values.shape[0]
-    packed = torch.cat([values.contiguous().view(torch.uint8), indices.contiguous().view(torch.uint8)],
-                       dim=1).to(device)
+    columns = [values, indices] + ([] if payload is None else [payload])
+    packed = torch.cat([t.contiguous().view(torch.uint8) for t in columns], dim=1).to(device)
     parts = all_gather(packed, group, timeout, "the candidate all-gather", rank, world)
-    both = torch.cat(parts, dim=1).reshape(n, world, 12 * k).to(values.device)
-    all_values = both[:, :, :4 * k].contiguous().view(torch.float32).reshape(n, world * k)
-    all_indices = both[:, :, 4 * k:].contiguous().view(torch.int64).reshape(n, world * k)
-    return merge_topk(all_values, all_indices, k, larger_is_better)
+    both = torch.cat(parts, dim=1).reshape(n, world, packed.shape[1]).to(values.device)
+    out, start = [], 0
+    for t in columns:
+        width = t.element_size() * k
+        out.append(both[:, :, start:start + width].contiguous().view(t.dtype).reshape(n, world * k))
+        start += width
+    order = merge_order(out[0], out[1], k, larger_is_better)
+    return tuple(t.gather(1, order) for t in out)
 
 
 # ---------------------------------------------------------------- knn
@@ -377,3 +403,256 @@ def _ring(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world, cdev
                              f"receive from rank {(rank - 1) % world})", rank)
         block, src = incoming, nsrc
     return best_v, best_i
+
+
+# ---------------------------------------------------------------- ShardedIndex
+
+SHARDED_FORMAT = "tlfast.sharded_index"
+SHARDED_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a complete tlfast sharded index ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupted ({exc}); re-save the index") from exc
+    if not isinstance(data, dict) or data.get("format") != SHARDED_FORMAT:
+        raise ValueError(f"{path} is not a tlfast sharded-index {what}")
+    if data.get("format_version", 0) > SHARDED_FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {data['format_version']}; this tlfast reads up to "
+                         f"{SHARDED_FORMAT_VERSION} (upgrade tlfast)")
+    return data
+
+
+class ShardedIndex:
+    """One exact :class:`tlfast.Index` per rank of a process group, searched as one corpus.
+
+        index = ShardedIndex("cosine", dtype="float16")    # on every rank
+        index.add(my_rows)                                  # local: each rank adds its own rows
+        res = index.search(queries, k=10)                   # collective: same queries on every rank
+        index.save("/shared/idx")                           # collective: a shard per rank + manifest
+        index = ShardedIndex.load("/shared/idx")            # collective, same world size
+
+    Rows are numbered as in :func:`knn`: rank order, then the order of ``add`` on each rank, so
+    without ids ``search`` returns global positions -- exactly ``Index.search`` on one index holding
+    every rank's rows in that order.  With ids (give them on every rank's ``add`` or on none),
+    ``search`` returns ids; exact ties still break toward the smaller global position, and ids
+    are unique within a rank (checked) and across ranks (the caller's promise: not checked, it
+    would cost a collective per ``add``).
+
+    ``add`` and ``len`` are local; ``search``, ``save`` and ``load`` are collective (every rank
+    calls them) and follow :func:`knn`'s rules on agreement, errors and ``timeout``.
+    ``save`` writes, under ``path`` (a directory every rank can reach, e.g. a shared filesystem):
+    ``shard-<rank>/`` (that rank's ``Index.save``, checksummed), ``shard-<rank>-ids.npy`` and
+    ``shard-<rank>.json`` (the rank's own manifest: count, file sizes and sha256), and, from rank 0
+    once every rank has written its shard, ``manifest.json`` (world size, metric, dim, dtype,
+    per-rank counts).  Every file is written to a temporary name and renamed.
+    """
+
+    def __init__(self, metric: str = "cosine", *, dim: int | None = None, dtype: str = "float32",
+                 device: str | torch.device = "cpu", group=None,
+                 timeout: float | datetime.timedelta | None = None) -> None:
+        self.local = Index(metric, dim=dim, dtype=dtype, device=device)
+        self.group = group
+        self.timeout = _timeout(timeout)
+        self._ids: list[np.ndarray] = []
+        self._ids_given: bool | None = None  # decided by the first add
+
+    @property
+    def metric(self):
+        return self.local.metric
+
+    @property
+    def dim(self) -> int | None:
+        return self.local.dim
+
+    def __len__(self) -> int:
+        """Rows on this rank (the global size needs a collective: see ``search``'s descriptor)."""
+        return len(self.local)
+
+    def __repr__(self) -> str:
+        return (f"ShardedIndex(metric={self.metric.name!r}, dim={self.dim}, dtype={self.local.dtype!r}, "
+                f"local_count={len(self)})")
+
+    def add(self, x: Any, ids: Any = None) -> "ShardedIndex":
+        """Append rows to this rank's shard (no communication); ``ids`` as in ``Index.add``."""
+        given = ids is not None
+        if self._ids_given is not None and given != self._ids_given:
+            raise ValueError("ids were given to some add() calls and not others; give ids to every "
+                             "add() or to none")
+        new = None
+        if given:
+            t, _ = as_tensor(x, "x")
+            check_matrix(t, "x")
+            new = _as_ids(ids, t.shape[0])
+            seen = np.concatenate([*self._ids, new])
+            if np.unique(seen).size != seen.size:
+                raise ValueError("ids repeat within this rank's shard; every vector needs its own id")
+        self.local.add(x)
+        if new is not None:
+            self._ids = [np.concatenate([*self._ids, new])]
+        self._ids_given = given
+        return self
+
+    def _fields(self, op: int) -> dict[str, int]:
+        return {"op": op, "dim": self.dim if self.dim is not None else _UNKNOWN, "metric": self.metric.code,
+                "dtype": _DTYPE_CODES[getattr(torch, self.local.dtype)],
+                "rows": len(self), "ids": _UNKNOWN if self._ids_given is None else int(self._ids_given)}
+
+    def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None) -> KnnResult:
+        """The ``k`` best rows of the whole sharded corpus for each query (collective).
+
+        Every rank passes the same ``queries`` and gets the same answer: ``KnnResult(values, ids)``
+        with ids (or global positions), as ``Index.search`` on the concatenated corpus.
+        ``backend`` and ``memory_budget`` apply to each rank's local search.
+        """
+        rank, world = _group_info(self.group)
+        fields, error = self._fields(OP_INDEX_SEARCH), None
+        q, is_numpy = None, False
+        try:
+            q, is_numpy = as_tensor(queries, "queries")
+            check_matrix(q, "queries")
+            if self.dim is not None and q.shape[1] != self.dim:
+                raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, the index has dim "
+                                 f"{self.dim}")
+            check_domain(q, "queries", self.metric)
+            fields.update(dim=q.shape[1], k=k if isinstance(k, int) else -1, queries=q.shape[0],
+                          fingerprint=fingerprint(q))
+        except (ValueError, TypeError) as exc:
+            error = exc
+        cdev = comm_device(self.group, q.device if q is not None else torch.device("cpu"))
+        rows = exchange_descriptor(fields, error, group=self.group, timeout=self.timeout, rank=rank,
+                                   world=world, device=cdev)
+        sizes = [d["rows"] for d in rows]
+        if sum(sizes) == 0:
+            raise ValueError("the sharded index is empty on every rank; add vectors before searching")
+        k = validate_k(k, sum(sizes), False, q.shape[0])
+        offset = sum(sizes[:rank])
+        larger = self.metric.larger_is_better
+
+        def local(kk):
+            res = self.local.search(q, kk, backend=backend, memory_budget=memory_budget)
+            return res.values, res.indices
+
+        values, positions = local_candidates(local, q.shape[0], len(self), offset, k, larger, q.device)
+        if any(d["ids"] == 1 for d in rows):  # agreed mode: a rank with no rows still sends ids
+            ids = torch.full_like(positions, PAD_INDEX)
+            if len(self):
+                table = torch.from_numpy(self._ids[0]).to(q.device)
+                real = positions != PAD_INDEX
+                ids = torch.where(real, table[torch.where(real, positions - offset, 0)], ids)
+            values, _, out = gather_and_merge(values, positions, k, larger, payload=ids, group=self.group,
+                                              timeout=self.timeout, rank=rank, world=world, device=cdev)
+        else:
+            values, out = gather_and_merge(values, positions, k, larger, group=self.group,
+                                           timeout=self.timeout, rank=rank, world=world, device=cdev)
+        return KnnResult(values.numpy(), out.numpy()) if is_numpy else KnnResult(values, out)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write every rank's shard and rank 0's manifest under ``path`` (collective; see class doc)."""
+        rank, world = _group_info(self.group)
+        path = Path(path)
+        name = _shard_name(rank)
+        cdev = comm_device(self.group, self.local.device)
+        common = dict(group=self.group, timeout=self.timeout, rank=rank, world=world, device=cdev)
+        error = None
+        if (path / MANIFEST).exists() and not overwrite:
+            error = FileExistsError(f"{path} holds a sharded index; pass overwrite=True or choose another path")
+        rows = exchange_descriptor(self._fields(OP_INDEX_SAVE), error, **common)
+        error = None
+        try:  # this rank's files; then every rank learns whether all of them succeeded
+            path.mkdir(parents=True, exist_ok=True)
+            record = {"format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "rank": rank,
+                      "count": len(self), "index": None, "ids": None}
+            if len(self):
+                self.local.save(path / name, overwrite=overwrite)
+                record["index"] = name
+            if self._ids_given and len(self):
+                ids_path = path / f"{name}-ids.npy"
+                tmp = path / f".{name}-ids.npy.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, np.concatenate(self._ids))
+                os.replace(tmp, ids_path)
+                record["ids"] = {"file": ids_path.name, "bytes": ids_path.stat().st_size,
+                                 "sha256": _sha256(ids_path)}
+            _write_json(path / f"{name}.json", record)
+        except Exception as exc:  # disk full, permissions, ...: reported to every rank
+            error = exc
+        exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)
+        error = None
+        if rank == 0:
+            try:
+                dims = {d["dim"] for d in rows} - {_UNKNOWN}
+                _write_json(path / MANIFEST, {
+                    "format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "world_size": world,
+                    "metric": self.metric.name, "dim": dims.pop() if dims else None,
+                    "dtype": self.local.dtype, "ids": any(d["ids"] == 1 for d in rows),
+                    "count": sum(d["rows"] for d in rows), "counts": [d["rows"] for d in rows],
+                    "shards": [_shard_name(r) for r in range(world)]})
+            except Exception as exc:
+                error = exc
+        exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)  # nobody returns before the manifest
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, group=None, timeout: float | datetime.timedelta | None = None,
+             mmap: bool = False, device: str | torch.device = "cpu", verify: bool = True) -> "ShardedIndex":
+        """Open an index written by :meth:`save`, each rank its own shard (collective).
+
+        The world size must equal the one that saved it (resharding is not supported).  Sizes are
+        always checked and sha256 sums when ``verify``; ``mmap`` and ``device`` as in ``Index.load``.
+        """
+        rank, world = _group_info(group)
+        path = Path(path)
+        limit = _timeout(timeout)
+        error, index = None, None
+        fields: dict[str, int] = {"op": OP_INDEX_LOAD}
+        dev = torch.device("cpu")
+        try:
+            meta = _read_json(path / MANIFEST, "manifest")
+            if meta["world_size"] != world:
+                raise ValueError(f"{path} was saved by {meta['world_size']} ranks and is loaded by {world}; "
+                                 f"load it with the same world size (resharding is not supported)")
+            record = _read_json(path / f"{_shard_name(rank)}.json", f"rank {rank} shard manifest")
+            index = cls(meta["metric"], dim=meta["dim"], dtype=meta["dtype"], device=device, group=group,
+                        timeout=timeout)
+            if record["count"] != meta["counts"][rank]:
+                raise ValueError(f"{path}: rank {rank}'s shard holds {record['count']} rows, the manifest says "
+                                 f"{meta['counts'][rank]}; re-save the index")
+            if record["index"] is not None:
+                index.local = Index.load(path / record["index"], mmap=mmap, device=device, verify=verify)
+                if len(index.local) != record["count"]:
+                    raise ValueError(f"{path / record['index']} holds {len(index.local)} rows, expected "
+                                     f"{record['count']}; re-save the index")
+            index._ids_given = bool(meta["ids"]) if record["count"] else None
+            if record["ids"] is not None:
+                ids_path = path / record["ids"]["file"]
+                if not ids_path.is_file() or ids_path.stat().st_size != record["ids"]["bytes"]:
+                    raise ValueError(f"{ids_path} is missing, truncated or altered; re-save the index")
+                if verify and _sha256(ids_path) != record["ids"]["sha256"]:
+                    raise ValueError(f"{ids_path} is corrupted (sha256 mismatch); re-save the index")
+                index._ids = [np.load(ids_path, allow_pickle=False).astype(np.int64, copy=False)]
+            elif meta["ids"] and record["count"]:
+                raise ValueError(f"{path}: rank {rank}'s shard has no ids file but the index has ids")
+            fields, dev = index._fields(OP_INDEX_LOAD), index.local.device
+        except Exception as exc:  # a missing or corrupted shard on one rank fails the load on all
+            error = exc
+        exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
+                            device=comm_device(group, dev))
+        return index
