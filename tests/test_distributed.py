@@ -203,11 +203,16 @@ def error_program(rank):
 
 
 def dying_program(rank, world, sharded, mode):
-    """Rank 1 dies inside its local search (after the descriptor exchange) or never calls at all;
-    rank 0 reports the error it got and how long it took to get it."""
+    """Rank 1 dies after the descriptor exchange, before its data reaches rank 0 (replicated: in
+    its local search; ring: as it starts passing its shard), or never calls at all; rank 0 reports
+    the error it got and how long it took to get it.  (A rank that dies after sending its shard
+    round the ring has already given rank 0 everything it needs: rank 0 then rightly succeeds.)"""
     q, c = make_inputs("l2", 8, 30, 5)
     if rank == 1 and mode == "die":
-        importlib.import_module("tlfast.backends.cpu").knn = lambda *a, **kw: os._exit(1)
+        if sharded:
+            dist.batch_isend_irecv = lambda ops: os._exit(1)
+        else:
+            importlib.import_module("tlfast.backends.cpu").knn = lambda *a, **kw: os._exit(1)
     if rank == 1 and mode == "stuck":
         time.sleep(600)
     start = time.monotonic()
