@@ -3,11 +3,20 @@
 // Python raises instead of reading out of bounds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
 
 #include <string>
 
 #include "cpu/knn.h"
+#include "cpu/pool.h"
+#include "cpu/preprocess.h"
 #include "cuda/device.h"
+#include "cuda/preprocess.h"
 
 namespace py = pybind11;
 using tlfast::cpu::Metric;
@@ -79,6 +88,81 @@ py::tuple cuda_device_count() {
 #endif
 }
 
+py::array_t<float> masked_mean_pool_cpu(const py::array& x, const py::array& mask, bool normalize, int threads) {
+  if (!x.dtype().is(py::dtype::of<float>())) throw py::type_error("x must be a float32 array");
+  if (!mask.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("mask must be an int64 array");
+  if (x.ndim() != 3) throw py::value_error("x must be 3-D (batch, steps, dim)");
+  if (mask.ndim() != 2) throw py::value_error("mask must be 2-D (batch, steps)");
+  if (!(x.flags() & py::array::c_style) || !(mask.flags() & py::array::c_style))
+    throw py::value_error("x and mask must be C-contiguous");
+  if (mask.shape(0) != x.shape(0) || mask.shape(1) != x.shape(1))
+    throw py::value_error("mask must have shape (batch, steps) matching x");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const int64_t b = x.shape(0), t = x.shape(1), d = x.shape(2);
+  py::array_t<float> out({b, d});
+  const float* xp = static_cast<const float*>(x.data());
+  const int64_t* mp = static_cast<const int64_t*>(mask.data());
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    tlfast::cpu::masked_mean_pool(xp, mp, b, t, d, normalize, threads, op);
+  }
+  return out;
+}
+
+// Element strides of a uint8 image batch as (n, h, w, c), whichever axis order it is stored in.
+std::array<int64_t, 4> image_strides(const py::array& x, bool channels_last) {
+  std::array<int64_t, 4> s{};
+  for (int i = 0; i < 4; ++i) {
+    if (x.strides(i) < 0) throw py::value_error("x must not have negative strides; copy it first");
+    s[i] = x.strides(i);  // itemsize is 1, so byte strides are element strides
+  }
+  return channels_last ? s : std::array<int64_t, 4>{s[0], s[2], s[3], s[1]};
+}
+
+void check_affine(const std::vector<float>& scale, const std::vector<float>& shift, int64_t channels) {
+  if (static_cast<int64_t>(scale.size()) != channels || static_cast<int64_t>(shift.size()) != channels)
+    throw py::value_error("scale and shift need one value per channel");
+}
+
+py::array_t<float> image_preprocess_cpu(const py::array& x, bool channels_last, const std::vector<float>& scale,
+                                        const std::vector<float>& shift, int threads) {
+  if (!x.dtype().is(py::dtype::of<uint8_t>())) throw py::type_error("x must be a uint8 array");
+  if (x.ndim() != 4) throw py::value_error("x must be 4-D (NHWC or NCHW)");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const auto s = image_strides(x, channels_last);
+  const int64_t n = x.shape(0);
+  const int64_t h = x.shape(channels_last ? 1 : 2), w = x.shape(channels_last ? 2 : 3);
+  const int64_t c = x.shape(channels_last ? 3 : 1);
+  check_affine(scale, shift, c);
+  py::array_t<float> out({n, c, h, w});
+  const uint8_t* xp = static_cast<const uint8_t*>(x.data());
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    tlfast::cpu::image_preprocess(xp, n, h, w, c, s[0], s[1], s[2], s[3], scale.data(), shift.data(), threads, op);
+  }
+  return out;
+}
+
+#ifdef TLFAST_WITH_CUDA
+// x_ptr / out_ptr: device addresses (tensor.data_ptr()); sizes and element strides as in
+// image_preprocess_cpu; stream: torch.cuda.current_stream().cuda_stream.
+void image_preprocess_cuda(uintptr_t x_ptr, int64_t n, int64_t h, int64_t w, int64_t c, int64_t sn, int64_t sh,
+                           int64_t sw, int64_t sc, const std::vector<float>& scale,
+                           const std::vector<float>& shift, uintptr_t stream, uintptr_t out_ptr) {
+  if (x_ptr == 0 || out_ptr == 0) throw py::value_error("x_ptr and out_ptr must be device pointers, not null");
+  if (n < 0 || h < 0 || w < 0 || c < 1) throw py::value_error("sizes must be >= 0 and channels >= 1");
+  if (sn < 0 || sh < 0 || sw < 0 || sc < 0) throw py::value_error("strides must be >= 0");
+  if (c > tlfast::cuda::kMaxChannels) throw py::value_error("at most 4 channels");
+  check_affine(scale, shift, c);
+  const std::string err = tlfast::cuda::image_preprocess(
+      reinterpret_cast<const uint8_t*>(x_ptr), n, h, w, c, sn, sh, sw, sc, scale.data(), shift.data(), stream,
+      reinterpret_cast<float*>(out_ptr));
+  if (!err.empty()) throw std::runtime_error("image_preprocess_cuda: " + err);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -94,6 +178,18 @@ PYBIND11_MODULE(_C, m) {
         "Fused kNN on float32 C-contiguous arrays -> (values float32 (nq, k), indices int64 (nq, k)).");
   m.def("pairwise_cpu", &pairwise_cpu, py::arg("queries"), py::arg("corpus"), py::arg("metric"),
         py::arg("threads"), "Full (nq, n) float32 matrix of metric values.");
+  m.def("masked_mean_pool_cpu", &masked_mean_pool_cpu, py::arg("x"), py::arg("mask"), py::arg("normalize"),
+        py::arg("threads"),
+        "Fused masked mean over axis 1 of x (batch, steps, dim) float32 with an int64 mask, then L2-normalise.");
+  m.def("image_preprocess_cpu", &image_preprocess_cpu, py::arg("x"), py::arg("channels_last"), py::arg("scale"),
+        py::arg("shift"), py::arg("threads"),
+        "uint8 images (NHWC if channels_last else NCHW) -> float32 NCHW x * scale[c] + shift[c].");
+#ifdef TLFAST_WITH_CUDA
+  m.def("image_preprocess_cuda", &image_preprocess_cuda, py::arg("x_ptr"), py::arg("n"), py::arg("height"),
+        py::arg("width"), py::arg("channels"), py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("stride_c"), py::arg("scale"), py::arg("shift"), py::arg("stream"), py::arg("out_ptr"),
+        "Device uint8 images -> float32 NCHW x * scale[c] + shift[c], queued on `stream`.");
+#endif
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): CUDA devices visible to the runtime, and why there are none.");
 }

@@ -6,16 +6,18 @@
     tlfast.backends()                                            # what runs here, and why not
 """
 from .backends import BackendInfo
+from .extract import Extractor
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
 from . import domain
 from .index import Index
 from .match import Matches, match
+from .store import FeatureStore
 from . import distributed  # torch.distributed is imported by torch itself: no extra cost
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__",
+__all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn", "pairwise", "__version__",
            "Index", "KNNClassifier", "LinearProbe", "Matches", "domain", "match", "transfer",
            "distributed"]
 

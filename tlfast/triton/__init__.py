@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op; import the op's module directly."""
