@@ -438,3 +438,46 @@ def test_sharded_index_add_rules():
     assert len(index) == 3
     with pytest.raises(RuntimeError, match="init_process_group"):
         index.search(np.ones((1, 2), np.float32), 1)
+
+
+# ---------------------------------------------------------------- data-parallel extraction
+
+def tiny_images(n: int = 11) -> np.ndarray:
+    """uint8 NHWC images whose first pixel is the row number, so a rank's share is visible."""
+    imgs = np.random.default_rng(5).integers(0, 255, (n, 9, 9, 3), dtype=np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(n)
+    return imgs
+
+
+def tiny_extractor():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 5, 3))
+    return tlfast.Extractor.from_module(module)
+
+
+def extract_program(rank, world, path):
+    extractor = tiny_extractor()
+    seen = []
+    extract = extractor.extract
+
+    def recording(data, **kw):  # the rows this rank extracts
+        seen.extend(np.asarray(data)[:, 0, 0, 0].tolist())
+        return extract(data, **kw)
+
+    extractor.extract = recording
+    store = extractor.extract_to(path, tiny_images(), shard_size=3)
+    return seen, np.asarray(store[:]).copy(), store.num_shards
+
+
+def test_extract_to_writes_disjoint_shards_on_two_ranks(tmp_path):
+    path = str(tmp_path / "store")
+    results = all_ok(run_ranks(extract_program, path))
+    # 11 rows in shards of 3 -> shards 0..3; rank r writes the shards i with i % 2 == r.
+    assert results[0][0] == [0, 1, 2, 6, 7, 8] and results[1][0] == [3, 4, 5, 9, 10]
+    expected = tiny_extractor().extract(tiny_images()).numpy()
+    for seen, features, shards in results:
+        assert shards == 4
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+    store = tlfast.FeatureStore(path, verify=True)  # rank 0's manifest; every shard's sha256 checked
+    assert len(store) == 11 and store.dim == expected.shape[1]
+    np.testing.assert_allclose(np.asarray(store[:]), expected, rtol=1e-5, atol=1e-6)
