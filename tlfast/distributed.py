@@ -244,28 +244,35 @@ def local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     return values, indices
 
 
-def gather_and_merge(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool, *,
-                     payload: torch.Tensor | None = None, group, timeout, rank: int, world: int,
-                     device: torch.device):
-    """All-gather every rank's (n, k) candidates and merge them into the global best k.
+def gather_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool, *,
+                      payload: torch.Tensor | None = None, group, timeout, rank: int, world: int,
+                      device: torch.device) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """Start the all-gather of every rank's (n, k) candidates; returns ``finish()``, which waits for
+    it and merges them into the global best k, so the caller can compute while the bytes travel.
 
     One collective per call: value (4 bytes) and global index (8 bytes) travel packed in a (n, 12k)
     byte tensor, the ``world * k * 12`` bytes per query of the cost model (benchmarks/SCALING.md).
-    An int64 ``payload`` per candidate (a ShardedIndex's ids) rides along, 8 bytes more, and is
-    returned in merged order as a third result.
+    An int64 ``payload`` per candidate (a ShardedIndex's ids) rides along, 8 bytes more, and comes
+    back in merged order as a third result.
     """
-    n = values.shape[0]
-    columns = [values, indices] + ([] if payload is None else [payload])
-    packed = torch.cat([t.contiguous().view(torch.uint8) for t in columns], dim=1).to(device)
-    parts = all_gather(packed, group, timeout, "the candidate all-gather", rank, world)
-    both = torch.cat(parts, dim=1).reshape(n, world, packed.shape[1]).to(values.device)
-    out, start = [], 0
-    for t in columns:
-        width = t.element_size() * k
-        out.append(both[:, :, start:start + width].contiguous().view(t.dtype).reshape(n, world * k))
-        start += width
-    order = merge_order(out[0], out[1], k, larger_is_better)
-    return tuple(t.gather(1, order) for t in out)
+    n, out_device = values.shape[0], values.device
+    columns = [(t.dtype, t.element_size()) for t in (values, indices, payload) if t is not None]
+    packed = torch.cat([t.contiguous().view(torch.uint8) for t in (values, indices, payload) if t is not None],
+                       dim=1).to(device)
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    work = dist.all_gather(parts, packed, group=group, async_op=True)
+
+    def finish():
+        wait(work, timeout, "the candidate all-gather", rank)
+        both = torch.cat(parts, dim=1).reshape(n, world, packed.shape[1]).to(out_device)
+        out, start = [], 0
+        for dtype, size in columns:
+            out.append(both[:, :, start:start + size * k].contiguous().view(dtype).reshape(n, world * k))
+            start += size * k
+        order = merge_order(out[0], out[1], k, larger_is_better)
+        return tuple(t.gather(1, order) for t in out)
+
+    return finish
 
 
 # ---------------------------------------------------------------- knn
@@ -356,13 +363,20 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     chunk = max(1, _GATHER_BYTES // (world * k * 12))
     out_v = torch.empty((n, k), dtype=torch.float32, device=q.device)
     out_i = torch.empty((n, k), dtype=torch.int64, device=q.device)
+    def store(start, finish):
+        out_v[start:start + chunk], out_i[start:start + chunk] = finish()
+
+    in_flight = None  # (first row, finish) of the chunk whose candidates are travelling
     for start in range(0, n, chunk):
         qc = q[start:start + chunk]
         v, i = local_candidates(lambda kk: impl.knn(qc, c, kk, m, False), qc.shape[0], sizes[rank],
                                 offsets[rank], k, m.larger_is_better, q.device)
-        v, i = gather_and_merge(v, i, k, m.larger_is_better, group=group, timeout=timeout, rank=rank,
-                                world=world, device=cdev)
-        out_v[start:start + chunk], out_i[start:start + chunk] = v, i
+        started = (start, gather_candidates(v, i, k, m.larger_is_better, group=group, timeout=timeout,
+                                            rank=rank, world=world, device=cdev))
+        if in_flight is not None:
+            store(*in_flight)
+        in_flight = started
+    store(*in_flight)
     return out_v, out_i
 
 
@@ -557,11 +571,11 @@ class ShardedIndex:
                 table = torch.from_numpy(self._ids[0]).to(q.device)
                 real = positions != PAD_INDEX
                 ids = torch.where(real, table[torch.where(real, positions - offset, 0)], ids)
-            values, _, out = gather_and_merge(values, positions, k, larger, payload=ids, group=self.group,
-                                              timeout=self.timeout, rank=rank, world=world, device=cdev)
+            values, _, out = gather_candidates(values, positions, k, larger, payload=ids, group=self.group,
+                                               timeout=self.timeout, rank=rank, world=world, device=cdev)()
         else:
-            values, out = gather_and_merge(values, positions, k, larger, group=self.group,
-                                           timeout=self.timeout, rank=rank, world=world, device=cdev)
+            values, out = gather_candidates(values, positions, k, larger, group=self.group,
+                                            timeout=self.timeout, rank=rank, world=world, device=cdev)()
         return KnnResult(values.numpy(), out.numpy()) if is_numpy else KnnResult(values, out)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
