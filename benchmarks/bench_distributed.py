@@ -1,8 +1,10 @@
 """Sharded kNN on 1 and 2 gloo processes (CPU), side by side, plus the communication it costs.
 
 Follows ../shared/BENCHMARKS.md: medians and p95 of >= 5 timed runs after a warm-up, in one run.
-Each world size runs in freshly spawned processes; every timed call starts after a barrier and
-the slowest rank's time counts (rank 0's merged answer needs every rank's candidates anyway).
+Two freshly spawned gloo ranks run every contender round-robin (round after round, each contender
+once, so a shared machine's drifting load falls on all alike); every timed call starts after a
+barrier; one-process contenders run on rank 0 (distributed.knn on a one-rank group) while rank 1
+waits; for two-rank contenders the slowest rank's time counts, round by round.
 
 Contenders, all on the same cores:
 * ``tlfast.knn`` in one process (all threads, then 1 thread): the single-process baseline;
@@ -46,30 +48,16 @@ CASE = {"metric": "cosine", "nq": 2_000, "n": 100_000, "d": 128, "k": 10}
 QUICK = {"nq": 200, "n": 10_000}
 
 
-def timed(fn, repeats: int, group_sync: bool) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if group_sync:
-            dist.barrier()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    if group_sync:  # the slowest rank's time, run by run
-        t = torch.tensor(times, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times = t.tolist()
-    return times
-
-
 def rank_main(rank: int, world: int, port: int, case: dict, repeats: int, out: str) -> None:
+    """Every contender, round-robin: round after round each one runs once, so that the load of a
+    shared machine drifting over time falls on all of them alike (round 0 is the warm-up)."""
     import tlfast
     from tlfast import distributed as tld
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    solo = dist.new_group([0])  # a one-rank group: distributed.knn on 1 process, same code path
+    cores = os.cpu_count() or 1
     metric, nq, n, d, k = (case[x] for x in ("metric", "nq", "n", "d", "k"))
     g = torch.Generator().manual_seed(0)
     q, c = torch.randn(nq, d, generator=g), torch.randn(n, d, generator=g)
@@ -77,46 +65,58 @@ def rank_main(rank: int, world: int, port: int, case: dict, repeats: int, out: s
     shard = c[bounds[rank]:bounds[rank + 1]].contiguous()
     qbounds = np.linspace(0, nq, world + 1).astype(int)
     my_q = q[qbounds[rank]:qbounds[rank + 1]].contiguous()
-    threads = torch.get_num_threads()
-    rows = []
+    cand = torch.zeros(nq, 12 * k, dtype=torch.uint8)
+    parts = [torch.empty_like(cand) for _ in range(world)]
+    block = shard.view(torch.uint8)
+    inbox = torch.empty_like(block)
 
-    def row(name, times, flops=None, **extra):
-        med = float(np.median(times))
-        rows.append({"op": "knn", "contender": name, "world": world, "threads_per_rank": threads, **case,
-                     "dtype": "float32", "median_s": med, "p95_s": float(np.percentile(times, 95)),
-                     "runs": len(times), "gflops": flops / med / 1e9 if flops else None, **extra})
+    def ring_step():
+        ops = [dist.P2POp(dist.isend, block, (rank + 1) % world), dist.P2POp(dist.irecv, inbox, (rank - 1) % world)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
 
     flops = 2.0 * nq * n * d
-    if world == 1:
-        row("tlfast.knn (1 process)", timed(lambda: tlfast.knn(q, c, k, metric), repeats, False), flops)
-        torch.set_num_threads(1)
-        row("tlfast.knn (1 process, 1 thread)", timed(lambda: tlfast.knn(q, c, k, metric), repeats, False),
-            flops, threads_per_rank=1)
-        torch.set_num_threads(threads)
-    row("distributed.knn replicated", timed(lambda: tld.knn(q, shard, k, metric), repeats, True), flops)
-    row("distributed.knn sharded queries (ring)",
-        timed(lambda: tld.knn(my_q, shard, k, metric, sharded_queries=True), repeats, True), flops)
-    if world > 1:
-        # Where the time goes: the local search alone, and the two collectives alone.
-        row("local search only (one shard)", timed(lambda: tlfast.knn(q, shard, k, metric), repeats, True),
-            flops / world)
-        cand = torch.zeros(nq, 12 * k, dtype=torch.uint8)
-        parts = [torch.empty_like(cand) for _ in range(world)]
-        t = timed(lambda: dist.all_gather(parts, cand), repeats, True)
-        row("candidate all-gather only", t, bytes_per_rank=cand.numel(),
-            gbytes_per_s=cand.numel() * (world - 1) / float(np.median(t)) / 1e9)
-        block = shard.view(torch.uint8)
-        inbox = torch.empty_like(block)
-
-        def ring_step():
-            ops = [dist.P2POp(dist.isend, block, (rank + 1) % world),
-                   dist.P2POp(dist.irecv, inbox, (rank - 1) % world)]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-
-        t = timed(ring_step, repeats, True)
-        row("one ring step only (shard send/recv)", t, bytes_per_rank=block.numel(),
-            gbytes_per_s=block.numel() / float(np.median(t)) / 1e9)
+    # (name, ranks, threads per rank, call, flop per call, bytes received per rank per call)
+    contenders = [
+        ("tlfast.knn (1 process)", 1, cores, lambda: tlfast.knn(q, c, k, metric), flops, 0),
+        ("tlfast.knn (1 process, 1 thread)", 1, 1, lambda: tlfast.knn(q, c, k, metric), flops, 0),
+        ("distributed.knn replicated", 1, cores, lambda: tld.knn(q, c, k, metric, group=solo), flops, 0),
+        ("distributed.knn sharded queries (ring)", 1, cores,
+         lambda: tld.knn(q, c, k, metric, sharded_queries=True, group=solo), flops, 0),
+        ("distributed.knn replicated", world, 1, lambda: tld.knn(q, shard, k, metric), flops,
+         (world - 1) * cand.numel()),
+        ("distributed.knn sharded queries (ring)", world, 1,
+         lambda: tld.knn(my_q, shard, k, metric, sharded_queries=True), flops, (world - 1) * block.numel()),
+        ("local search only (one shard)", world, 1, lambda: tlfast.knn(q, shard, k, metric), flops / world, 0),
+        ("candidate all-gather only", world, 1, lambda: dist.all_gather(parts, cand), None,
+         (world - 1) * cand.numel()),
+        ("one ring step only (shard send/recv)", world, 1, ring_step, None, block.numel()),
+    ]
+    times = [[] for _ in contenders]
+    for rnd in range(repeats + 1):
+        for i, (_, ranks, threads, call, _, _) in enumerate(contenders):
+            dist.barrier()
+            if ranks == 1 and rank != 0:
+                continue  # one-process contenders run on rank 0 while rank 1 waits at the barrier
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            call()
+            if rnd:
+                times[i].append(time.perf_counter() - t)
+    rows = []
+    for (name, ranks, threads, _, fl, received), ts in zip(contenders, times):
+        if ranks > 1:  # the slowest rank's time, round by round
+            t = torch.tensor(ts, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ts = t.tolist()
+        if rank != 0:
+            continue
+        med = float(np.median(ts))
+        rows.append({"op": "knn", "contender": name, "world": ranks, "threads_per_rank": threads, **case,
+                     "dtype": "float32", "median_s": med, "p95_s": float(np.percentile(ts, 95)),
+                     "runs": len(ts), "gflops": fl / med / 1e9 if fl else None,
+                     "bytes_received_per_rank": received or None,
+                     "gbytes_per_s": received / med / 1e9 if received else None})
     peak = torch.tensor([peak_rss_bytes()], dtype=torch.int64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -144,13 +144,14 @@ def markdown(rows: list[dict], mm: dict, meta: dict) -> str:
            f"torch.mm float32 on this machine: **{mm['gflops']:.1f} GFLOP/s** (all threads).\n",
            f"Case: {base['metric']}, q = {base['nq']:,}, n = {base['n']:,}, d = {base['d']}, k = {base['k']}, "
            f"float32.\n",
-           "| contender | ranks x threads | median s | p95 s | GFLOP/s | time / tlfast.knn | GB/s |",
-           "|---|---|---|---|---|---|---|"]
+           "| contender | ranks x threads | median s | p95 s | GFLOP/s | time / tlfast.knn | MB in per rank | GB/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = f"{r['gflops']:.1f}" if r.get("gflops") else "-"
         bw = f"{r['gbytes_per_s']:.2f}" if r.get("gbytes_per_s") else "-"
+        mb = f"{r['bytes_received_per_rank'] / 1e6:.2f}" if r.get("bytes_received_per_rank") else "-"
         out.append(f"| {r['contender']} | {r['world']} x {r['threads_per_rank']} | {r['median_s']:.4f} | "
-                   f"{r['p95_s']:.4f} | {g} | {r['median_s'] / base['median_s']:.2f}x | {bw} |")
+                   f"{r['p95_s']:.4f} | {g} | {r['median_s'] / base['median_s']:.2f}x | {mb} | {bw} |")
     return "\n".join(out) + "\n"
 
 
@@ -165,13 +166,10 @@ def main(argv=None) -> int:
 
     case = {**CASE, **(QUICK if args.quick else {})}
     mm = mm_rate(args.quick)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (1, 2):
-            out = os.path.join(tmp, f"world{world}.json")
-            mp.spawn(rank_main, args=(world, free_port(), case, max(5, args.repeats), out), nprocs=world)
-            rows += json.loads(Path(out).read_text())
-            print(f"world {world}: done", file=sys.stderr)
+        out = os.path.join(tmp, "rows.json")
+        mp.spawn(rank_main, args=(2, free_port(), case, max(5, args.repeats), out), nprocs=2)
+        rows = json.loads(Path(out).read_text())
     meta = {"device": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "tlfast": tlfast.__version__, "commit": git_commit(), "backend": "gloo (localhost)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
