@@ -141,6 +141,9 @@ def markdown(rows: list[dict], mm: dict, meta: dict) -> str:
            f"same cores the 1-process runs use with {base['threads_per_rank']} threads, so the best "
            f"possible ratio is 1.0x; the ratios measure the cost of sharding, not the gain of a second "
            f"machine (see SCALING.md for that).\n",
+           f"Load average during the run: {meta['load_avg_1_5_15'][0]} on {meta['cores']} cores"
+           + (" -- other jobs were running, so single figures carry tens of % of noise; the round-robin "
+              "order spreads it over every contender alike.\n" if meta["load_avg_1_5_15"][0] > meta["cores"] else ".\n"),
            f"torch.mm float32 on this machine: **{mm['gflops']:.1f} GFLOP/s** (all threads).\n",
            f"Case: {base['metric']}, q = {base['nq']:,}, n = {base['n']:,}, d = {base['d']}, k = {base['k']}, "
            f"float32.\n",

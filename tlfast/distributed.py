@@ -13,7 +13,10 @@ of the shard sizes (agreed by an all-gather).  Two ways to search it:
   r + 1): at each of the ``world`` steps a rank searches the block it holds while passing it on,
   so communication overlaps compute; each rank moves ``(world - 1) / world`` of the corpus.
 
-Both return exactly what ``tlfast.knn`` returns on the concatenated corpus: the merge orders
+:class:`ShardedIndex` keeps one :class:`tlfast.Index` per rank under the same numbering, with
+collective ``search`` / ``save`` / ``load``.
+
+Both modes return exactly what ``tlfast.knn`` returns on the concatenated corpus: the merge orders
 candidates best first and breaks exact ties toward the smaller global index, the contract's rule.
 A rank whose shard has fewer than k rows (or none) pads its candidates with the metric's worst
 value and an index that sorts after every real one.
@@ -26,7 +29,9 @@ Failure behaviour: every collective is waited on with ``timeout`` (seconds or a 
 the group's default, set by ``init_process_group(timeout=...)``).  A rank that dies, raises before a
 collective or hangs makes the other ranks raise :class:`PeerError` (a ``RuntimeError``) within
 that timeout -- at once when the peer's process is gone.  The group cannot be trusted after that:
-destroy it and restart the job (as torchrun's elastic agent does).
+destroy it and restart the job (as torchrun's elastic agent does).  Under NCCL, PyTorch's watchdog
+also aborts collectives that outlive the group's own timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING), so
+keep ``timeout`` below the one given to ``init_process_group`` to get the PeerError first.
 """
 from __future__ import annotations
 
