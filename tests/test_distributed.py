@@ -380,6 +380,7 @@ def index_error_program(rank, outdir):
         "empty": lambda: tld.ShardedIndex("ip", timeout=30).search(q, 2),
         "k-too-large": lambda: index.search(q, 11),
         "corrupt": corrupt,
+        "op": lambda: index.search(q, 2) if rank else tld.knn(q, c[:5], 2, "ip", timeout=30),
     }
     out = {}
     for name, call in calls.items():
@@ -388,6 +389,13 @@ def index_error_program(rank, outdir):
             out[name] = ("returned", "")
         except Exception as exc:
             out[name] = (type(exc).__name__, str(exc))
+    solo = dist.new_group([0])  # every rank creates it; only rank 0 loads into a 1-rank world
+    if rank == 0:
+        try:
+            tld.ShardedIndex.load(os.path.join(outdir, "ip-k1"), group=solo, timeout=30)
+            out["world-size"] = ("returned", "")
+        except Exception as exc:
+            out["world-size"] = (type(exc).__name__, str(exc))
     return out
 
 
@@ -420,6 +428,7 @@ INDEX_ERRORS = {
     "empty": ("ValueError", "empty on every rank"),
     "k-too-large": ("ValueError", "k must be between 1 and 10"),
     "corrupt": ("ValueError", "sha256"),
+    "op": ("ValueError", "rank 0: knn, rank 1: ShardedIndex.search"),
 }
 
 
@@ -431,6 +440,11 @@ def test_sharded_index_errors_raise_on_every_rank(index_results, name):
         assert got_type == want_type and text in message, f"rank {rank}: {got_type}: {message}"
     if name == "corrupt":
         assert "rank 1 failed: " in index_results[0][0]["errors"][name][1]
+
+
+def test_sharded_index_load_needs_the_saving_world_size(index_results):
+    got_type, message = index_results[0][0]["errors"]["world-size"]
+    assert got_type == "ValueError" and "saved by 2 ranks and is loaded by 1" in message
 
 
 def test_sharded_index_add_rules():
