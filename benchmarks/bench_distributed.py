@@ -135,7 +135,8 @@ def free_port() -> int:
 
 def markdown(rows: list[dict], mm: dict, meta: dict) -> str:
     base = next(r for r in rows if r["contender"] == "tlfast.knn (1 process)")
-    out = [f"# Sharded kNN on CPU: 1 -> 2 gloo processes\n",
+    busy = meta["load_avg_1_5_15"][0] > meta["cores"]
+    out = ["# Sharded kNN on CPU: 1 -> 2 gloo processes\n",
            f"{meta}\n",
            f"**This machine has {meta['cores']} cores**: the 2-rank runs use 1 thread per rank on the "
            f"same cores the 1-process runs use with {base['threads_per_rank']} threads, so the best "
@@ -143,7 +144,7 @@ def markdown(rows: list[dict], mm: dict, meta: dict) -> str:
            f"machine (see SCALING.md for that).\n",
            f"Load average during the run: {meta['load_avg_1_5_15'][0]} on {meta['cores']} cores"
            + (" -- other jobs were running, so single figures carry tens of % of noise; the round-robin "
-              "order spreads it over every contender alike.\n" if meta["load_avg_1_5_15"][0] > meta["cores"] else ".\n"),
+              "order spreads it over every contender alike.\n" if busy else ".\n"),
            f"torch.mm float32 on this machine: **{mm['gflops']:.1f} GFLOP/s** (all threads).\n",
            f"Case: {base['metric']}, q = {base['nq']:,}, n = {base['n']:,}, d = {base['d']}, k = {base['k']}, "
            f"float32.\n",

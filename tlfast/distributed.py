@@ -97,7 +97,7 @@ def _timeout(timeout) -> datetime.timedelta | None:
     return datetime.timedelta(seconds=float(timeout))
 
 
-def comm_device(group, data_device: torch.device) -> torch.device:
+def _comm_device(group, data_device: torch.device) -> torch.device:
     """Where collective buffers live: the data's GPU under NCCL, else the CPU (gloo)."""
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
@@ -108,7 +108,7 @@ def comm_device(group, data_device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def wait(work, timeout: datetime.timedelta | None, what: str, rank: int) -> None:
+def _wait(work, timeout: datetime.timedelta | None, what: str, rank: int) -> None:
     """Wait for async ``work``; turn a peer failure or a timeout into a :class:`PeerError`."""
     try:
         if timeout is None:
@@ -123,16 +123,16 @@ def wait(work, timeout: datetime.timedelta | None, what: str, rank: int) -> None
             f"group is unusable now; destroy it and restart the job. Cause: {exc}") from exc
 
 
-def all_gather(t: torch.Tensor, group, timeout, what: str, rank: int, world: int) -> list[torch.Tensor]:
+def _all_gather(t: torch.Tensor, group, timeout, what: str, rank: int, world: int) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(world)]
-    wait(dist.all_gather(out, t, group=group, async_op=True), timeout, what, rank)
+    _wait(dist.all_gather(out, t, group=group, async_op=True), timeout, what, rank)
     return out
 
 
 # ---------------------------------------------------------------- the call descriptor
 
-def exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, group, timeout,
-                        rank: int, world: int, device: torch.device) -> list[dict[str, int]]:
+def _exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, group, timeout,
+                         rank: int, world: int, device: torch.device) -> list[dict[str, int]]:
     """All-gather this rank's call descriptor; raise the same error on every rank if any rank's
     inputs were rejected or the ranks disagree on op / dim / metric / k / dtype / sharded.
 
@@ -149,7 +149,7 @@ def exchange_descriptor(fields: dict[str, int], error: BaseException | None, *, 
     raw = message.encode("utf-8", "replace")[:_MSG_BYTES]
     msg[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     mine = torch.from_numpy(np.concatenate([head, msg])).to(device)
-    gathered = all_gather(mine, group, timeout, "the call-descriptor all-gather", rank, world)
+    gathered = _all_gather(mine, group, timeout, "the call-descriptor all-gather", rank, world)
     rows = []
     for r, t in enumerate(gathered):
         a = t.cpu().numpy()
@@ -202,7 +202,7 @@ def _hint(name: str) -> str:
     return ""
 
 
-def fingerprint(t: torch.Tensor) -> int:
+def _fingerprint(t: torch.Tensor) -> int:
     """CRC-32 of the bytes of ``t``: cheap evidence that replicated queries are the same everywhere."""
     a = t.detach().contiguous().cpu()
     return zlib.crc32(a.view(torch.uint8).reshape(-1).numpy()) if a.numel() else 0
@@ -210,11 +210,11 @@ def fingerprint(t: torch.Tensor) -> int:
 
 # ---------------------------------------------------------------- merging candidates
 
-def worst_value(larger_is_better: bool) -> float:
+def _worst_value(larger_is_better: bool) -> float:
     return float("-inf") if larger_is_better else float("inf")
 
 
-def merge_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool) -> torch.Tensor:
+def _merge_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool) -> torch.Tensor:
     """Columns of the best ``k`` of (n, c) candidates per row: best first, exact ties to the smaller index.
 
     Equivalent to sorting each row by the key (value, index) -- value in the metric's direction --
@@ -228,18 +228,18 @@ def merge_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_b
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool):
-    """(values, indices) of the best ``k`` candidates per row; see :func:`merge_order`."""
-    order = merge_order(values, indices, k, larger_is_better)
+    """(values, indices) of the best ``k`` candidates per row; see :func:`_merge_order`."""
+    order = _merge_order(values, indices, k, larger_is_better)
     return values.gather(1, order), indices.gather(1, order)
 
 
-def local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]], n: int, rows: int,
-                     offset: int, k: int, larger_is_better: bool, device: torch.device):
+def _local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]], n: int, rows: int,
+                      offset: int, k: int, larger_is_better: bool, device: torch.device):
     """(n, k) candidates from one shard with global indices, padded when the shard has < k rows.
 
     ``search(kk)`` returns the shard's (values, local indices) for its best ``kk = min(k, rows)``.
     """
-    values = torch.full((n, k), worst_value(larger_is_better), dtype=torch.float32, device=device)
+    values = torch.full((n, k), _worst_value(larger_is_better), dtype=torch.float32, device=device)
     indices = torch.full((n, k), PAD_INDEX, dtype=torch.int64, device=device)
     kk = min(k, rows)
     if kk and n:
@@ -249,9 +249,9 @@ def local_candidates(search: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     return values, indices
 
 
-def gather_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool, *,
-                      payload: torch.Tensor | None = None, group, timeout, rank: int, world: int,
-                      device: torch.device) -> Callable[[], tuple[torch.Tensor, ...]]:
+def _gather_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool, *,
+                       payload: torch.Tensor | None = None, group, timeout, rank: int, world: int,
+                       device: torch.device) -> Callable[[], tuple[torch.Tensor, ...]]:
     """Start the all-gather of every rank's (n, k) candidates; returns ``finish()``, which waits for
     it and merges them into the global best k, so the caller can compute while the bytes travel.
 
@@ -268,13 +268,13 @@ def gather_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, large
     work = dist.all_gather(parts, packed, group=group, async_op=True)
 
     def finish():
-        wait(work, timeout, "the candidate all-gather", rank)
+        _wait(work, timeout, "the candidate all-gather", rank)
         both = torch.cat(parts, dim=1).reshape(n, world, packed.shape[1]).to(out_device)
         out, start = [], 0
         for dtype, size in columns:
             out.append(both[:, :, start:start + size * k].contiguous().view(dtype).reshape(n, world * k))
             start += size * k
-        order = merge_order(out[0], out[1], k, larger_is_better)
+        order = _merge_order(out[0], out[1], k, larger_is_better)
         return tuple(t.gather(1, order) for t in out)
 
     return finish
@@ -343,12 +343,12 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
         device = q.device
         fields.update(dim=q.shape[1], metric=m.code, k=k if isinstance(k, int) else -1,
                       dtype=_DTYPE_CODES[c.dtype], rows=c.shape[0], queries=q.shape[0],
-                      fingerprint=0 if sharded_queries else fingerprint(q))
+                      fingerprint=0 if sharded_queries else _fingerprint(q))
     except (ValueError, TypeError) as exc:
         error = exc
-    cdev = comm_device(group, device)
-    rows = exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
-                               device=cdev)
+    cdev = _comm_device(group, device)
+    rows = _exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
+                                device=cdev)
     sizes = [d["rows"] for d in rows]
     k = validate_k(k, sum(sizes), False, q.shape[0])  # the same k and sizes everywhere: all agree
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
@@ -374,10 +374,10 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     in_flight = None  # (first row, finish) of the chunk whose candidates are travelling
     for start in range(0, n, chunk):
         qc = q[start:start + chunk]
-        v, i = local_candidates(lambda kk: impl.knn(qc, c, kk, m, False), qc.shape[0], sizes[rank],
-                                offsets[rank], k, m.larger_is_better, q.device)
-        started = (start, gather_candidates(v, i, k, m.larger_is_better, group=group, timeout=timeout,
-                                            rank=rank, world=world, device=cdev))
+        v, i = _local_candidates(lambda kk: impl.knn(qc, c, kk, m, False), qc.shape[0], sizes[rank],
+                                 offsets[rank], k, m.larger_is_better, q.device)
+        started = (start, _gather_candidates(v, i, k, m.larger_is_better, group=group, timeout=timeout,
+                                             rank=rank, world=world, device=cdev))
         if in_flight is not None:
             store(*in_flight)
         in_flight = started
@@ -397,7 +397,7 @@ def _ring(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world, cdev
     dtype = c.dtype
     nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    best_v = torch.full((n, k), worst_value(m.larger_is_better), dtype=torch.float32, device=q.device)
+    best_v = torch.full((n, k), _worst_value(m.larger_is_better), dtype=torch.float32, device=q.device)
     best_i = torch.full((n, k), PAD_INDEX, dtype=torch.int64, device=q.device)
     block = c.contiguous().to(cdev).view(torch.uint8) if c.shape[0] else None
     src = rank
@@ -413,12 +413,12 @@ def _ring(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world, cdev
             works = dist.batch_isend_irecv(ops) if ops else []
         if block is not None and n:
             shard = block.view(dtype).to(q.device)
-            v, i = local_candidates(lambda kk: impl.knn(q, shard, kk, m, False), n, sizes[src],
-                                    offsets[src], k, m.larger_is_better, q.device)
+            v, i = _local_candidates(lambda kk: impl.knn(q, shard, kk, m, False), n, sizes[src],
+                                     offsets[src], k, m.larger_is_better, q.device)
             best_v, best_i = merge_topk(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k,
                                         m.larger_is_better)
         for w in works:
-            wait(w, timeout, f"ring step {step + 1} of {world} (send to rank {(rank + 1) % world}, "
+            _wait(w, timeout, f"ring step {step + 1} of {world} (send to rank {(rank + 1) % world}, "
                              f"receive from rank {(rank - 1) % world})", rank)
         block, src = incoming, nsrc
     return best_v, best_i
@@ -552,12 +552,12 @@ class ShardedIndex:
                                  f"{self.dim}")
             check_domain(q, "queries", self.metric)
             fields.update(dim=q.shape[1], k=k if isinstance(k, int) else -1, queries=q.shape[0],
-                          fingerprint=fingerprint(q))
+                          fingerprint=_fingerprint(q))
         except (ValueError, TypeError) as exc:
             error = exc
-        cdev = comm_device(self.group, q.device if q is not None else torch.device("cpu"))
-        rows = exchange_descriptor(fields, error, group=self.group, timeout=self.timeout, rank=rank,
-                                   world=world, device=cdev)
+        cdev = _comm_device(self.group, q.device if q is not None else torch.device("cpu"))
+        rows = _exchange_descriptor(fields, error, group=self.group, timeout=self.timeout, rank=rank,
+                                    world=world, device=cdev)
         sizes = [d["rows"] for d in rows]
         if sum(sizes) == 0:
             raise ValueError("the sharded index is empty on every rank; add vectors before searching")
@@ -569,18 +569,18 @@ class ShardedIndex:
             res = self.local.search(q, kk, backend=backend, memory_budget=memory_budget)
             return res.values, res.indices
 
-        values, positions = local_candidates(local, q.shape[0], len(self), offset, k, larger, q.device)
+        values, positions = _local_candidates(local, q.shape[0], len(self), offset, k, larger, q.device)
         if any(d["ids"] == 1 for d in rows):  # agreed mode: a rank with no rows still sends ids
             ids = torch.full_like(positions, PAD_INDEX)
             if len(self):
                 table = torch.from_numpy(self._ids[0]).to(q.device)
                 real = positions != PAD_INDEX
                 ids = torch.where(real, table[torch.where(real, positions - offset, 0)], ids)
-            values, _, out = gather_candidates(values, positions, k, larger, payload=ids, group=self.group,
-                                               timeout=self.timeout, rank=rank, world=world, device=cdev)()
+            values, _, out = _gather_candidates(values, positions, k, larger, payload=ids, group=self.group,
+                                                timeout=self.timeout, rank=rank, world=world, device=cdev)()
         else:
-            values, out = gather_candidates(values, positions, k, larger, group=self.group,
-                                            timeout=self.timeout, rank=rank, world=world, device=cdev)()
+            values, out = _gather_candidates(values, positions, k, larger, group=self.group,
+                                             timeout=self.timeout, rank=rank, world=world, device=cdev)()
         return KnnResult(values.numpy(), out.numpy()) if is_numpy else KnnResult(values, out)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -588,12 +588,12 @@ class ShardedIndex:
         rank, world = _group_info(self.group)
         path = Path(path)
         name = _shard_name(rank)
-        cdev = comm_device(self.group, self.local.device)
+        cdev = _comm_device(self.group, self.local.device)
         common = dict(group=self.group, timeout=self.timeout, rank=rank, world=world, device=cdev)
         error = None
         if (path / MANIFEST).exists() and not overwrite:
             error = FileExistsError(f"{path} holds a sharded index; pass overwrite=True or choose another path")
-        rows = exchange_descriptor(self._fields(OP_INDEX_SAVE), error, **common)
+        rows = _exchange_descriptor(self._fields(OP_INDEX_SAVE), error, **common)
         error = None
         try:  # this rank's files; then every rank learns whether all of them succeeded
             path.mkdir(parents=True, exist_ok=True)
@@ -613,7 +613,7 @@ class ShardedIndex:
             _write_json(path / f"{name}.json", record)
         except Exception as exc:  # disk full, permissions, ...: reported to every rank
             error = exc
-        exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)
+        _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)
         error = None
         if rank == 0:
             try:
@@ -626,7 +626,7 @@ class ShardedIndex:
                     "shards": [_shard_name(r) for r in range(world)]})
             except Exception as exc:
                 error = exc
-        exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)  # nobody returns before the manifest
+        _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)  # nobody returns before the manifest
         return path
 
     @classmethod
@@ -672,6 +672,6 @@ class ShardedIndex:
             fields, dev = index._fields(OP_INDEX_LOAD), index.local.device
         except Exception as exc:  # a missing or corrupted shard on one rank fails the load on all
             error = exc
-        exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
-                            device=comm_device(group, dev))
+        _exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
+                             device=_comm_device(group, dev))
         return index
