@@ -141,7 +141,16 @@ def knn_cases():
     cases.append(("ip-empty-shard", "ip", torch.float32, 7, "torch", N, False, False))
     cases.append(("l2-empty-shard-sharded", "l2", torch.float32, 7, "torch", N, True, False))
     cases.append(("cosine-no-queries-sharded", "cosine", torch.float32, 3, "torch", SPLIT, True, False))
+    # kNN graph: each rank's queries are its own shard, exclude_self drops (i, i); k up to n - 1.
+    for metric in METRICS:
+        cases.append((f"{metric}-graph", metric, torch.float32, 6, "torch", SPLIT, True, False))
+    cases.append(("l2-graph-ties", "l2", torch.float32, 9, "torch", SPLIT, True, True))
+    cases.append(("ip-graph-k-max", "ip", torch.float32, N - 1, "torch", SPLIT, True, False))
     return cases
+
+
+def is_graph(name: str) -> bool:
+    return "-graph" in name
 
 
 def case_inputs(metric, dtype, ties):
@@ -154,6 +163,8 @@ def shard(x: torch.Tensor, split: int, rank: int) -> torch.Tensor:
 
 
 def query_split(name: str) -> int:
+    if is_graph(name):
+        return SPLIT
     return NQ if name.startswith("cosine-no-queries") else QSPLIT
 
 
@@ -165,12 +176,12 @@ def knn_program(rank, world):
         q, c = case_inputs(metric, dtype, ties)
         c = shard(c, split, rank)
         if sharded:
-            q = shard(q, query_split(name), rank)
+            q = c if is_graph(name) else shard(q, query_split(name), rank)
         if kind == "numpy":
             q, c = q.numpy(), c.numpy()
         # Chunks of 2 queries: 7 all-gathers, each in flight while the next chunk is searched.
         tld._GATHER_BYTES = 2 * world * k * 12 if name.endswith("chunked") else (256 << 20)
-        res = tld.knn(q, c, k, metric, sharded_queries=sharded, timeout=30)
+        res = tld.knn(q, c, k, metric, sharded_queries=sharded, exclude_self=is_graph(name), timeout=30)
         out[name] = (torch.as_tensor(res.values), torch.as_tensor(res.indices), type(res.values).__name__)
     out["errors"] = error_program(rank)
     # The group is still healthy after all those rejected calls.
@@ -195,6 +206,8 @@ def error_program(rank):
         "nan": lambda: tld.knn(q, torch.where(c > 1e9, c, torch.nan) if other else c, 2, "ip"),
         "int-dtype": lambda: tld.knn(q, c.long() if other else c, 2, "ip"),
         "k-too-large": lambda: tld.knn(q, c, 11, "ip"),
+        "exclude-self-replicated": lambda: tld.knn(q, c, 2, "ip", exclude_self=True),
+        "exclude-self-k": lambda: tld.knn(c, c, 10, "ip", sharded_queries=True, exclude_self=True),
     }
     out = {}
     for name, call in calls.items():
@@ -240,7 +253,11 @@ def test_two_ranks_match_single_process(knn_results, case):
     q, c = case_inputs(metric, dtype, ties)
     if kind == "numpy":
         q, c = q.numpy(), c.numpy()
-    expected = tlfast.knn(q, c, k, metric)
+    if is_graph(name):
+        expected = tlfast.knn(c, c, k, metric, exclude_self=True)
+        q = c
+    else:
+        expected = tlfast.knn(q, c, k, metric)
     want_v, want_i = torch.as_tensor(expected.values), torch.as_tensor(expected.indices)
     per_rank = [r[name] for r in knn_results]
     assert all(kind_name == type(expected.values).__name__ for _, _, kind_name in per_rank)
@@ -248,7 +265,7 @@ def test_two_ranks_match_single_process(knn_results, case):
         qs = query_split(name)
         got_v = torch.cat([per_rank[0][0], per_rank[1][0]])
         got_i = torch.cat([per_rank[0][1], per_rank[1][1]])
-        assert per_rank[0][1].shape == (qs, k) and per_rank[1][1].shape == (NQ - qs, k)
+        assert per_rank[0][1].shape == (qs, k) and per_rank[1][1].shape == (len(q) - qs, k)
         answers = [(got_v, got_i)]
     else:
         answers = [(v, i) for v, i, _ in per_rank]
@@ -269,6 +286,8 @@ ERRORS = {  # name -> (exception type, text every rank's message contains)
     "nan": ("ValueError", "NaN"),
     "int-dtype": ("TypeError", "floating"),
     "k-too-large": ("ValueError", "k must be between 1 and 10"),
+    "exclude-self-replicated": ("ValueError", "needs sharded_queries=True"),
+    "exclude-self-k": ("ValueError", "k must be between 1 and 9"),
 }
 
 

@@ -61,7 +61,8 @@ _GATHER_BYTES = 256 << 20
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 # Descriptor layout: _FIELDS int64 values, then an error message of _MSG_BYTES utf-8 bytes.
-_FIELDS = ("status", "op", "dim", "metric", "k", "dtype", "rows", "queries", "sharded", "fingerprint", "ids")
+_FIELDS = ("status", "op", "dim", "metric", "k", "dtype", "rows", "queries", "sharded", "fingerprint", "ids",
+           "exclude_self")
 _MSG_BYTES = 480
 # A rank's local failure travels as a status code: the peers raise the same class, naming the rank.
 _STATUS_OK = 0
@@ -163,7 +164,7 @@ def _exchange_descriptor(fields: dict[str, int], error: BaseException | None, *,
         if d["status"] != _STATUS_OK:
             cls = _ERRORS[min(d["status"], len(_ERRORS)) - 1]
             raise cls(f"rank {r} failed: {d['message']}")
-    names = ["op", "dim", "metric", "k", "dtype", "sharded", "ids"]
+    names = ["op", "dim", "metric", "k", "dtype", "sharded", "ids", "exclude_self"]
     if not fields.get("sharded", 0):
         names += ["queries", "fingerprint"]
     for name in names:
@@ -179,7 +180,7 @@ def _describe(name: str) -> str:
     return {"op": "the operation", "dim": "the vector dimension", "metric": "the metric",
             "k": "k", "dtype": "the corpus dtype", "sharded": "sharded_queries",
             "queries": "the number of queries", "fingerprint": "the queries (checksums differ)",
-            "ids": "whether ids were given to add"}[name]
+            "ids": "whether ids were given to add", "exclude_self": "exclude_self"}[name]
 
 
 def _per_rank(name: str, seen: list[int]) -> str:
@@ -187,6 +188,7 @@ def _per_rank(name: str, seen: list[int]) -> str:
            "dtype": lambda v: str(_DTYPES.get(v, v)).replace("torch.", ""),
            "op": lambda v: _OP_NAMES.get(v, str(v)),
            "sharded": lambda v: str(bool(v)), "ids": lambda v: str(bool(v)),
+           "exclude_self": lambda v: str(bool(v)),
            "fingerprint": lambda v: f"{v:08x}"}.get(name, str)
     return ", ".join(f"rank {r}: {fmt(v)}" for r, v in enumerate(seen))
 
@@ -310,7 +312,8 @@ def _check_rows(t: torch.Tensor, name: str, allow_empty: bool) -> None:
 
 
 def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, sharded_queries: bool = False,
-        group=None, timeout: float | datetime.timedelta | None = None, backend: str = "auto") -> KnnResult:
+        exclude_self: bool = False, group=None, timeout: float | datetime.timedelta | None = None,
+        backend: str = "auto") -> KnnResult:
     """Exact kNN against a corpus sharded across the ranks of ``group``; call it on every rank.
 
     Args:
@@ -321,6 +324,9 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
         k: neighbours per query, 1 <= k <= total corpus rows; the same on every rank.
         metric: as in :func:`tlfast.knn`; the same on every rank.
         sharded_queries: pass corpus blocks round a ring instead of gathering candidates.
+        exclude_self: with ``sharded_queries``, each rank's queries are its own shard and the pair of
+            a row with itself is dropped: the kNN graph of the distributed corpus, equal to
+            ``tlfast.knn(corpus, corpus, k, exclude_self=True)`` (k <= total rows - 1).
         group: a ``torch.distributed`` process group (default: the world).
         timeout: seconds (or timedelta) each collective may take before :class:`PeerError`.
         backend: the local kNN backend, as in :func:`tlfast.knn`.
@@ -336,11 +342,18 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
     rank, world = _group_info(group)
     limit = _timeout(timeout)
     error, q, c, m = None, None, None, None
-    fields: dict[str, int] = {"op": OP_KNN, "sharded": int(bool(sharded_queries))}
+    fields: dict[str, int] = {"op": OP_KNN, "sharded": int(bool(sharded_queries)),
+                              "exclude_self": int(bool(exclude_self))}
     device = torch.device("cpu")
     try:
         q, c, m, is_numpy = _validate_local(queries, local_corpus, metric, bool(sharded_queries))
         device = q.device
+        if exclude_self and not sharded_queries:
+            raise ValueError("exclude_self=True needs sharded_queries=True, with each rank passing its own "
+                             "shard as queries (the kNN graph of the distributed corpus)")
+        if exclude_self and q.shape[0] != c.shape[0]:
+            raise ValueError(f"exclude_self=True needs queries to be this rank's local_corpus; got "
+                             f"{q.shape[0]} queries and {c.shape[0]} local_corpus rows")
         fields.update(dim=q.shape[1], metric=m.code, k=k if isinstance(k, int) else -1,
                       dtype=_DTYPE_CODES[c.dtype], rows=c.shape[0], queries=q.shape[0],
                       fingerprint=0 if sharded_queries else _fingerprint(q))
@@ -350,12 +363,15 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
     rows = _exchange_descriptor(fields, error, group=group, timeout=limit, rank=rank, world=world,
                                 device=cdev)
     sizes = [d["rows"] for d in rows]
-    k = validate_k(k, sum(sizes), False, q.shape[0])  # the same k and sizes everywhere: all agree
+    total = sum(sizes)  # the same k and sizes everywhere: every rank reaches the same verdict on k
+    k = validate_k(k, total, bool(exclude_self), total if exclude_self else q.shape[0])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     impl = resolve_backend(backend, device)
-    search = _ring if sharded_queries else _replicated
-    values, indices = search(q, c, k, m, impl, sizes=sizes, offsets=offsets, group=group,
-                             timeout=limit, rank=rank, world=world, cdev=cdev)
+    common = dict(sizes=sizes, offsets=offsets, group=group, timeout=limit, rank=rank, world=world, cdev=cdev)
+    if sharded_queries:
+        values, indices = _ring(q, c, k, m, impl, exclude_self=bool(exclude_self), **common)
+    else:
+        values, indices = _replicated(q, c, k, m, impl, **common)
     if is_numpy:
         return KnnResult(values.numpy(), indices.numpy())
     return KnnResult(values, indices)
@@ -368,6 +384,7 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     chunk = max(1, _GATHER_BYTES // (world * k * 12))
     out_v = torch.empty((n, k), dtype=torch.float32, device=q.device)
     out_i = torch.empty((n, k), dtype=torch.int64, device=q.device)
+
     def store(start, finish):
         out_v[start:start + chunk], out_i[start:start + chunk] = finish()
 
@@ -385,13 +402,14 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     return out_v, out_i
 
 
-def _ring(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world, cdev):
+def _ring(q, c, k, m, impl, *, exclude_self, sizes, offsets, group, timeout, rank, world, cdev):
     """Each rank searches its own queries against every shard as the shards pass round the ring.
 
     Step s: this rank holds the shard of rank (rank - s) mod world; it sends that block to rank + 1
     and receives the next from rank - 1 while searching it, then merges the block's top-k (with
     global indices) into its running top-k.  Blocks travel as raw bytes, so every dtype (bfloat16
-    included) crosses gloo and NCCL unchanged.
+    included) crosses gloo and NCCL unchanged.  Memory: the own shard plus two shard-sized buffers
+    (the block being searched and the one arriving).
     """
     n, d = q.shape
     dtype = c.dtype
@@ -413,7 +431,9 @@ def _ring(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world, cdev
             works = dist.batch_isend_irecv(ops) if ops else []
         if block is not None and n:
             shard = block.view(dtype).to(q.device)
-            v, i = _local_candidates(lambda kk: impl.knn(q, shard, kk, m, False), n, sizes[src],
+            # exclude_self: the pair (i, i) lies in this rank's own shard, searched at step 0.
+            own = exclude_self and src == rank
+            v, i = _local_candidates(lambda kk: impl.knn(q, shard, kk, m, own), n, sizes[src] - own,
                                      offsets[src], k, m.larger_is_better, q.device)
             best_v, best_i = merge_topk(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k,
                                         m.larger_is_better)
