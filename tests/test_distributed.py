@@ -518,3 +518,30 @@ def test_extract_to_writes_disjoint_shards_on_two_ranks(tmp_path):
     store = tlfast.FeatureStore(path, verify=True)  # rank 0's manifest; every shard's sha256 checked
     assert len(store) == 11 and store.dim == expected.shape[1]
     np.testing.assert_allclose(np.asarray(store[:]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("larger_is_better", [True, False])
+def test_gathered_order_equals_the_two_sort_merge(larger_is_better):
+    # Rank-after-rank candidates (4 ranks x k = 6) with heavy exact ties, -0.0 / +0.0, +-inf and
+    # padding: the one-selection merge of the gather path picks the same columns as merge_topk.
+    rng = np.random.default_rng(11)
+    world, k, n, rows = 4, 6, 300, 50
+    pool = np.array([-np.inf, -1.5, -0.0, 0.0, 0.25, 0.25, 3.0, np.inf], dtype=np.float32)
+    values, indices = [], []
+    for r in range(world):
+        v = torch.from_numpy(rng.choice(pool, (n, k)))
+        i = torch.from_numpy(rng.integers(0, rows, (n, k))) + r * rows
+        order = tld._merge_order(v, i, k, larger_is_better)  # each rank's list: best first, ties by index
+        v, i = v.gather(1, order), i.gather(1, order)
+        pad = torch.from_numpy(rng.random((n, k)) < 0.2).cumsum(1) > 0  # padded tails
+        v[pad], i[pad] = tld._worst_value(larger_is_better), tld.PAD_INDEX
+        values.append(v)
+        indices.append(i)
+    values, indices = torch.cat(values, 1), torch.cat(indices, 1)
+    # Unique global indices per row, as real candidates have.
+    indices = torch.where(indices == tld.PAD_INDEX, indices,
+                          indices * world * k + torch.arange(world * k))
+    fast = tld._gathered_order(values, indices, k, larger_is_better)
+    want_v, want_i = tld.merge_topk(values, indices, k, larger_is_better)
+    assert torch.equal(indices.gather(1, fast), want_i)
+    assert torch.equal(values.gather(1, fast), want_v)

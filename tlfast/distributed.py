@@ -229,6 +229,26 @@ def _merge_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_
     return by_index.gather(1, by_value[:, :k])
 
 
+def _gathered_order(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool) -> torch.Tensor:
+    """:func:`_merge_order` for candidates laid out rank after rank, each rank's best first: one
+    top-k selection over a 64-bit key instead of two full sorts.
+
+    In that layout the column order of real candidates is their global-index order (ranks hold
+    consecutive index ranges; each rank's ties are already in index order), so the key
+    (value in the metric's direction, column) orders exactly as (value, index).  The float32 value
+    maps to an int32 of the same order (sign-magnitude to two's complement; -0.0 is first made
+    +0.0, which compares equal to it); key = that int32 * 2^32 + column is unique per row, so the
+    selection needs no stability.  Padding gets the largest key: after every real candidate.
+    """
+    v = (-values if larger_is_better else values) + 0.0
+    bits = v.contiguous().view(torch.int32).to(torch.int64)
+    magnitude = bits & 0x7FFFFFFF
+    ordered = torch.where(bits < 0, -1 - magnitude, magnitude)
+    column = torch.arange(values.shape[1], dtype=torch.int64, device=values.device)
+    key = torch.where(indices == PAD_INDEX, PAD_INDEX, ordered * (1 << 32) + column)
+    return torch.topk(key, k, dim=1, largest=False, sorted=True).indices
+
+
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, larger_is_better: bool):
     """(values, indices) of the best ``k`` candidates per row; see :func:`_merge_order`."""
     order = _merge_order(values, indices, k, larger_is_better)
@@ -276,7 +296,7 @@ def _gather_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, larg
         for dtype, size in columns:
             out.append(both[:, :, start:start + size * k].contiguous().view(dtype).reshape(n, world * k))
             start += size * k
-        order = _merge_order(out[0], out[1], k, larger_is_better)
+        order = _gathered_order(out[0], out[1], k, larger_is_better)
         return tuple(t.gather(1, order) for t in out)
 
     return finish
