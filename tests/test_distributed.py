@@ -207,6 +207,7 @@ def error_program(rank):
         "int-dtype": lambda: tld.knn(q, c.long() if other else c, 2, "ip"),
         "k-too-large": lambda: tld.knn(q, c, 11, "ip"),
         "exclude-self-replicated": lambda: tld.knn(q, c, 2, "ip", exclude_self=True),
+        "k-numpy-int": lambda: tld.knn(q, c, np.int64(2) if other else 2, "ip"),  # the same k: fine
         "exclude-self-k": lambda: tld.knn(c, c, 10, "ip", sharded_queries=True, exclude_self=True),
     }
     out = {}
@@ -276,7 +277,7 @@ def test_two_ranks_match_single_process(knn_results, case):
         assert torch.equal(got_v, want_v), f"{name}: values differ from single-process tlfast.knn"
 
 
-ERRORS = {  # name -> (exception type, text every rank's message contains)
+ERRORS = {  # name -> (exception type, text every rank's message contains), or ("returned", "")
     "dim": ("ValueError", "vector dimension"),
     "metric": ("ValueError", "rank 0: ip, rank 1: l2"),
     "k": ("ValueError", "disagree on k"),
@@ -288,6 +289,7 @@ ERRORS = {  # name -> (exception type, text every rank's message contains)
     "k-too-large": ("ValueError", "k must be between 1 and 10"),
     "exclude-self-replicated": ("ValueError", "needs sharded_queries=True"),
     "exclude-self-k": ("ValueError", "k must be between 1 and 9"),
+    "k-numpy-int": ("returned", ""),
 }
 
 

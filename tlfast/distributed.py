@@ -204,6 +204,11 @@ def _hint(name: str) -> str:
     return ""
 
 
+def _k_field(k: Any) -> int:
+    """k for the descriptor; -1 for a non-integer k, which every rank then rejects the same way."""
+    return int(k) if isinstance(k, (int, np.integer)) and not isinstance(k, bool) else -1
+
+
 def _fingerprint(t: torch.Tensor) -> int:
     """CRC-32 of the bytes of ``t``: cheap evidence that replicated queries are the same everywhere."""
     a = t.detach().contiguous().cpu()
@@ -375,7 +380,7 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
         if exclude_self and q.shape[0] != c.shape[0]:
             raise ValueError(f"exclude_self=True needs queries to be this rank's local_corpus; got "
                              f"{q.shape[0]} queries and {c.shape[0]} local_corpus rows")
-        fields.update(dim=q.shape[1], metric=m.code, k=k if isinstance(k, int) else -1,
+        fields.update(dim=q.shape[1], metric=m.code, k=_k_field(k),
                       dtype=_DTYPE_CODES[c.dtype], rows=c.shape[0], queries=q.shape[0],
                       fingerprint=0 if sharded_queries else _fingerprint(q))
     except (ValueError, TypeError) as exc:
@@ -592,7 +597,7 @@ class ShardedIndex:
                 raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, the index has dim "
                                  f"{self.dim}")
             check_domain(q, "queries", self.metric)
-            fields.update(dim=q.shape[1], k=k if isinstance(k, int) else -1, queries=q.shape[0],
+            fields.update(dim=q.shape[1], k=_k_field(k), queries=q.shape[0],
                           fingerprint=_fingerprint(q))
         except (ValueError, TypeError) as exc:
             error = exc
