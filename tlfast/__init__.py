@@ -5,20 +5,21 @@
     d = tlfast.pairwise(x, y, metric="l2")
     tlfast.backends()                                            # what runs here, and why not
 """
+from . import distributed  # torch.distributed is imported by torch itself: no extra cost
+from . import domain
 from .backends import BackendInfo
 from .extract import Extractor
+from .index import Index
+from .match import Matches, match
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
 from .store import FeatureStore
-from . import domain
-from .index import Index
-from .match import Matches, match
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn",
-           "pairwise", "__version__",
-           "Index", "KNNClassifier", "LinearProbe", "Matches", "domain", "match", "transfer"]
+           "pairwise", "__version__", "Index", "KNNClassifier", "LinearProbe", "Matches", "distributed", "domain",
+           "match", "transfer"]
 
 # The training stage needs scikit-learn (the `train` extra): imported on first use, so that
 # `import tlfast` works without it.
