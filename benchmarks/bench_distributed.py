@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench_knn import cpu_name, git_commit, mm_rate, peak_rss_bytes
+from bench_knn import cpu_name, git_commit, mm_rate, peak_rss_bytes, write_results
 
 HERE = Path(__file__).resolve().parent
 CASE = {"metric": "cosine", "nq": 2_000, "n": 100_000, "d": 128, "k": 10}
@@ -181,12 +181,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.update({k: meta[k] for k in ("device", "tlfast", "commit")})
     md = markdown(rows, mm, meta)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"meta": meta, "mm": mm, "rows": rows}, indent=1)), (".md", md)):
-        dst = args.out / f"{args.name}{suffix}"
-        tmp = dst.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(dst)
+    write_results(args.out, args.name, {"meta": meta, "mm": mm, "rows": rows}, md)
     print(md)
     return 0
 

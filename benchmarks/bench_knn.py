@@ -208,6 +208,16 @@ def mm_rate(quick: bool) -> dict:
             "median_s": med, "p95_s": float(np.percentile(times, 95)), "gflops": 2.0 * m * kk * n / med / 1e9}
 
 
+def write_results(out_dir: Path, name: str, payload: dict, md: str) -> None:
+    """<name>.json and <name>.md under out_dir, each written to a temp file and renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", md)):
+        dst = out_dir / f"{name}{suffix}"
+        tmp = dst.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(dst)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
@@ -289,12 +299,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.update({k: meta[k] for k in ("device", "tlfast", "commit")})
     md = f"# CPU kNN benchmark\n\n{meta}\n\n" + markdown([r for r in rows], mm) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"meta": meta, "mm": mm, "rows": rows}, indent=1)), (".md", md)):
-        dst = args.out / f"{args.name}{suffix}"
-        tmp = dst.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(dst)
+    write_results(args.out, args.name, {"meta": meta, "mm": mm, "rows": rows}, md)
     print(md)
     return 0
 

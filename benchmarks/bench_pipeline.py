@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_knn import cpu_name, git_commit, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from bench_knn import cpu_name, git_commit, peak_rss_bytes, reset_peak_rss, rss_bytes, write_results  # noqa: E402
 
 # name: (nq, n, d, k, contenders); match cases use nq = n (source and target of equal size).
 CASES = {
@@ -175,12 +175,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.update({k: meta[k] for k in ("device", "tlfast", "commit")})
     md = f"# CPU index / match benchmark\n\n{meta}\n\n" + markdown(rows) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=1)), (".md", md)):
-        dst = args.out / f"{args.name}{suffix}"
-        tmp = dst.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(dst)
+    write_results(args.out, args.name, {"meta": meta, "rows": rows}, md)
     print(md)
     return 0
 
