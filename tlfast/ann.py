@@ -40,6 +40,7 @@ import json
 import math
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -127,7 +128,7 @@ def sort_best_first(values: np.ndarray, positions: np.ndarray, larger_is_better:
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(positions, order, axis=1)
 
 
-class _ApproximateIndex:
+class _ApproximateIndex(ABC):
     """Shared behaviour: input checks, buffering rows until trained, exact search until then."""
 
     kind: str
@@ -138,14 +139,21 @@ class _ApproximateIndex:
         self._pending: list[np.ndarray] = []  # rows added before training, in order
 
     # -- subclass hooks -------------------------------------------------------------------------
-    def _train(self, x: np.ndarray) -> None: raise NotImplementedError
-    def _add(self, x: np.ndarray) -> None: raise NotImplementedError
-    def _search(self, q: np.ndarray, k: int, **sp) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
-    def _ntotal(self) -> int: raise NotImplementedError
-    def _train_size(self) -> int: raise NotImplementedError  # rows add() waits for (39 per centroid)
-    def _min_train_rows(self) -> int: raise NotImplementedError  # fewer cannot be clustered at all
+    @abstractmethod
+    def _train(self, x: np.ndarray) -> None: ...
+    @abstractmethod
+    def _add(self, x: np.ndarray) -> None: ...
+    @abstractmethod
+    def _search(self, q: np.ndarray, k: int, **sp) -> tuple[np.ndarray, np.ndarray]: ...
+    @abstractmethod
+    def _ntotal(self) -> int: ...
+    @abstractmethod
+    def _train_size(self) -> int: ...  # rows add() waits for (39 per centroid)
+    @abstractmethod
+    def _min_train_rows(self) -> int: ...  # fewer cannot be clustered at all
     @property
-    def is_trained(self) -> bool: raise NotImplementedError
+    @abstractmethod
+    def is_trained(self) -> bool: ...
 
     # -- interface ------------------------------------------------------------------------------
     def rows(self, x: Any, name: str) -> np.ndarray:
@@ -225,7 +233,8 @@ class _ApproximateIndex:
         training chose it)."""
         return {"metric": self.metric.name, "dim": self.dim, "count": len(self), **self._build_params()}
 
-    def _build_params(self) -> dict: raise NotImplementedError
+    @abstractmethod
+    def _build_params(self) -> dict: ...
 
     def save(self, directory: str) -> list[str]:
         """Write the index into ``directory`` (each file via a temp file and a rename)."""
@@ -234,9 +243,11 @@ class _ApproximateIndex:
             files.append(_atomic_save_npy(directory, _FILE["pending"], np.concatenate(self._pending)))
         return files
 
-    def _save(self, directory: str) -> list[str]: raise NotImplementedError
+    @abstractmethod
+    def _save(self, directory: str) -> list[str]: ...
 
-    def _load(self, directory: str) -> None: raise NotImplementedError
+    @abstractmethod
+    def _load(self, directory: str) -> None: ...
 
     def _load_pending(self, directory: str) -> None:
         if os.path.exists(os.path.join(directory, _FILE["pending"])):
