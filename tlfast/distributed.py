@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from ._validate import as_tensor, check_domain, check_matrix, validate_k
 from .backends import resolve as resolve_backend
-from .index import Index, _as_ids, _sha256
+from .index import Index, _as_ids, _sha256, read_manifest
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
 
@@ -491,18 +491,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a complete tlfast sharded index ({what})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is corrupted ({exc}); re-save the index") from exc
-    if not isinstance(data, dict) or data.get("format") != SHARDED_FORMAT:
-        raise ValueError(f"{path} is not a tlfast sharded-index {what}")
-    if data.get("format_version", 0) > SHARDED_FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {data['format_version']}; this tlfast reads up to "
-                         f"{SHARDED_FORMAT_VERSION} (upgrade tlfast)")
-    return data
+    return read_manifest(path, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, f"sharded index ({what})")
 
 
 class ShardedIndex:

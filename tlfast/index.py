@@ -106,6 +106,23 @@ def _merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Te
     return values.gather(1, order), positions.gather(1, order)
 
 
+
+def read_manifest(path: Path, fmt: str, max_version: int, what: str) -> dict:
+    """A tlfast JSON manifest at ``path``: missing -> FileNotFoundError; unreadable, of another
+    format, or from a newer tlfast -> ValueError naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a tlfast {what}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupted ({exc}); re-save the {what}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a tlfast {what} manifest")
+    if meta.get("format_version", 0) > max_version:
+        raise ValueError(f"{path} has format version {meta['format_version']}; this tlfast reads up to "
+                         f"{max_version} (upgrade tlfast)")
+    return meta
+
 class Index:
     """Vectors to search, with ids, persistence and out-of-core search.
 
@@ -465,17 +482,7 @@ class Index:
         with ``memory_budget``.
         """
         path = Path(path)
-        if not (path / MANIFEST).is_file():
-            raise FileNotFoundError(f"{path} is not a tlfast index: {MANIFEST} is missing")
-        try:
-            meta = json.loads((path / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path / MANIFEST} is corrupted ({exc}); re-save the index") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{path / MANIFEST} is not a tlfast index manifest")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} has index format version {meta['format_version']}; this tlfast reads "
-                             f"up to {FORMAT_VERSION} (upgrade tlfast)")
+        meta = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "index")
         for name, rec in meta["files"].items():
             f = path / name
             if not f.is_file():
