@@ -10,39 +10,23 @@
 //   value = ALPHA * acc + qterm[row] + cterm[col]      (acc: dot product, or sum s*log s for js)
 //   key   = value (ip, cosine) or -value (l2, kl, js)
 //
-// This header is included by exactly one translation unit per ISA, inside that ISA's namespace.
+// This header is included by exactly one translation unit per ISA, after that TU has switched the
+// ISA on with `#pragma GCC target` (see fused_knn_std.h for why not with compiler flags).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <memory>
-#include <vector>
+#include "fused_knn_std.h"
 
-#include <omp.h>
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#else
-#include <emmintrin.h>
-#endif
-
-#include "knn.h"
-
-#ifndef TLFAST_ISA
-#error "define TLFAST_ISA (avx512 | avx2 | generic) before including fused_knn.h"
+#if !defined(TLFAST_ISA) || !defined(TLFAST_ISA_AVX512) || !defined(TLFAST_ISA_AVX2)
+#error "define TLFAST_ISA (avx512 | avx2 | generic), TLFAST_ISA_AVX512 and TLFAST_ISA_AVX2 (0/1) before including fused_knn.h"
 #endif
 
 namespace tlfast {
 namespace cpu {
 namespace TLFAST_ISA {
 
-#if defined(__AVX512F__)
+#if TLFAST_ISA_AVX512
 constexpr int W = 16;   // floats per vector
 constexpr int MR = 12;  // query rows per register block: 12 x 2 accumulators of 32 zmm registers
-#elif defined(__AVX2__)
+#elif TLFAST_ISA_AVX2
 constexpr int W = 8;
 constexpr int MR = 6;   // 6 x 2 accumulators of 16 ymm registers
 #else
@@ -57,9 +41,9 @@ typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 
 static inline unsigned movemask(vi m) {
-#if defined(__AVX512F__)
+#if TLFAST_ISA_AVX512
   return (unsigned)_mm512_movepi32_mask((__m512i)m);
-#elif defined(__AVX2__)
+#elif TLFAST_ISA_AVX2
   return (unsigned)_mm256_movemask_ps((__m256)m);
 #else
   return (unsigned)_mm_movemask_ps((__m128)m);

@@ -10,7 +10,10 @@ enum class Isa { AVX512, AVX2, GENERIC };
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::AVX512;
+  // fused_knn_avx512.cpp is compiled for all four of these (its #pragma GCC target).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return Isa::AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
 #endif
   return Isa::GENERIC;

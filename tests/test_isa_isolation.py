@@ -1,0 +1,51 @@
+"""Each ISA's kernels stay in their own namespace: no library code is compiled for an ISA the CPU may lack.
+
+The linker keeps one copy of every weak symbol (std::vector<float>'s constructor, say) across the
+translation units that instantiate it.  If fused_knn_avx512.cpp compiled those with AVX-512, the
+AVX2 and generic kernels could call the AVX-512 copy and die with SIGILL on a CPU without it (this
+happened on an AVX2-only AMD EPYC).  The fix is structural (fused_knn_std.h); this test compiles each
+ISA translation unit as CMake does and checks that only tlfast::cpu::<isa>:: functions use vector
+registers wider than SSE (ymm, zmm) or AVX-512 mask registers.
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CXX = shutil.which("g++") or shutil.which("c++")
+OBJDUMP = shutil.which("objdump")
+pytestmark = pytest.mark.skipif(not (CXX and OBJDUMP), reason="needs a C++ compiler and objdump (CI has both)")
+
+WIDE = re.compile(r"%zmm|%ymm|%k[0-7]\b")
+
+
+def functions_using_wide_registers(obj: Path) -> dict[str, str]:
+    dis = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", "-C", str(obj)], capture_output=True, text=True,
+                         check=True).stdout
+    found, current = {}, None
+    for line in dis.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            current = head.group(1)
+        elif current and WIDE.search(line):
+            found.setdefault(current, line.strip())
+    return found
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_only_the_isa_namespace_uses_the_isa(isa, tmp_path):
+    obj = tmp_path / f"{isa}.o"
+    # The flags CMakeLists.txt gives every C++ source (no ISA flags: the TU's pragma sets the ISA).
+    subprocess.run([CXX, "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-std=gnu++17", "-fPIC",
+                    f"-I{ROOT / 'csrc'}", "-c", str(ROOT / "csrc" / "cpu" / f"fused_knn_{isa}.cpp"), "-o", str(obj)],
+                   check=True)
+    wide = functions_using_wide_registers(obj)
+    leaked = {name: insn for name, insn in wide.items() if f"tlfast::cpu::{isa}::" not in name}
+    assert not leaked, f"code outside tlfast::cpu::{isa} compiled with wide registers: {leaked}"
+    if isa == "generic":
+        assert not wide
+    else:
+        assert wide, "the ISA pragma did not take effect: no kernel uses the wide registers"
