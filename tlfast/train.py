@@ -201,7 +201,9 @@ def transfer(source_x: Any, source_y: Any, target_x: Any, *, method: str = "knn"
         target_x: unlabelled target features (m, d).
         method: "knn" (:class:`KNNClassifier`) or "probe" (:class:`LinearProbe`); ``params`` go to it.
         align: None, or "coral" to re-colour the source features to the target's covariance and
-            mean first (:func:`tlfast.domain.coral`).
+            mean first (:func:`tlfast.domain.coral`), or "ot" to move them onto the target by the
+            optimal-transport barycentric map (:func:`tlfast.domain.ot_align`; ``ot_reg`` in
+            ``params`` sets its ε, default 1.0 in squared-l2 units).
 
     Returns:
         Predicted labels (m,), a numpy array of the source label type.
@@ -209,8 +211,11 @@ def transfer(source_x: Any, source_y: Any, target_x: Any, *, method: str = "knn"
     models = {"knn": KNNClassifier, "probe": LinearProbe}
     if method not in models:
         raise ValueError(f"method must be one of {sorted(models)}, got {method!r}")
-    if align not in (None, "coral"):
-        raise ValueError(f"align must be None or 'coral', got {align!r}")
+    if align not in (None, "coral", "ot"):
+        raise ValueError(f"align must be None, 'coral' or 'ot', got {align!r}")
+    ot_reg = params.pop("ot_reg", 1.0)
     if align == "coral":
         source_x = domain.coral(source_x, target_x)
+    elif align == "ot":
+        source_x = domain.ot_align(source_x, target_x, reg=ot_reg)
     return models[method](**params).fit(source_x, source_y).predict(target_x)
