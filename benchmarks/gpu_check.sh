@@ -46,4 +46,5 @@ if [ "$left" -gt 60 ]; then
 else
   echo "no time left for the benchmarks"
 fi
+timeout 120 "$PY" "$REPO/benchmarks/bench_gpu_ot.py" --out "$OUT" || echo "bench_gpu_ot exit $?"
 echo "== done in $(elapsed) s"
