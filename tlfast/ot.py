@@ -190,9 +190,9 @@ class OTResult:
 
     def __init__(self, *, ops: _Operands, la: torch.Tensor, lb: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
                  reg: float, metric: str, cost: float, n_iter: int, marginal_error: float, tol: float,
-                 source: torch.Tensor, target: torch.Tensor, is_numpy: bool, backend: str, lse: LsePass):
+                 source: torch.Tensor, target: torch.Tensor, is_numpy: bool, backend: str):
         self._ops, self._la, self._lb, self._f, self._g = ops, la, lb, f, g
-        self._source, self._target, self._is_numpy, self._lse = source, target, is_numpy, lse
+        self._source, self._target, self._is_numpy = source, target, is_numpy
         self.reg, self.metric, self.backend = reg, metric, backend
         self.cost, self.n_iter, self.marginal_error = cost, n_iter, marginal_error
         self.converged = marginal_error <= tol
@@ -380,8 +380,7 @@ def sinkhorn(source: Any, target: Any, metric: str = "l2", reg: float = 0.05, *,
         f, g, cost, n_iter, err = _solve(ops, la, lb, bw, eps, rho, int(max_iter), tol, scaling,
                                          _cost_spread(x, y, name) if scaling else 0.0, lse)
     return OTResult(ops=ops, la=la, lb=lb, f=f, g=g, reg=eps, metric=name, cost=cost, n_iter=n_iter,
-                    marginal_error=err, tol=tol, source=x, target=y, is_numpy=inp.is_numpy, backend=backend_name,
-                    lse=lse)
+                    marginal_error=err, tol=tol, source=x, target=y, is_numpy=inp.is_numpy, backend=backend_name)
 
 
 def _solve(ops: _Operands, la, lb, bw, eps, rho, max_iter, tol, scaling, spread, lse: LsePass):
