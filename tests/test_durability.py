@@ -164,7 +164,7 @@ def test_live_writers_temporaries_are_not_removed(tmp_path):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - a writer holding its staging folder
-        fd = _persist.lock(stage)
+        assert _persist.lock(stage) is not None  # held until this process dies
         os.write(w, b"x")
         time.sleep(30)
         os._exit(0)

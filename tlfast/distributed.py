@@ -36,7 +36,6 @@ keep ``timeout`` below the one given to ``init_process_group`` to get the PeerEr
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import zlib

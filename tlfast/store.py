@@ -330,17 +330,25 @@ def data_fingerprint(data: Any, strings_are_paths: bool) -> str:
             st = os.stat(item)
             fp.field("file", f"{os.path.abspath(item)}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogatepass"))
         elif isinstance(item, (np.ndarray, torch.Tensor)):
-            fp.array(item)
+            fp.array(_token_ids(item) if item.ndim == 1 else item)
         elif hasattr(item, "tobytes") and hasattr(item, "mode") and hasattr(item, "size"):  # PIL.Image
             fp.field("image", f"{item.mode}{item.size}".encode())
             fp.field("data", item.tobytes())
         elif isinstance(item, (list, tuple)):
-            fp.array(np.asarray(item))
+            fp.array(_token_ids(item))
         else:
             raise TypeError(f"data[{i}] is a {type(item).__name__}, which a feature store cannot fingerprint "
                             f"(so it could not tell this data from other data on resume); pass texts, token "
                             f"ids, image arrays or tensors, PIL images or file paths")
     return fp.hexdigest()
+
+
+def _token_ids(seq: Any) -> np.ndarray:
+    """A token-id sequence as int64, so that lists, int32 arrays and tensors of one sequence agree."""
+    import torch
+
+    a = seq.detach().cpu().numpy() if isinstance(seq, torch.Tensor) else np.asarray(seq)
+    return a.astype(np.int64) if a.dtype.kind in "iu" else a
 
 
 def model_fingerprint(extractor: Any) -> str:
