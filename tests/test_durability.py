@@ -578,3 +578,64 @@ def test_feature_store_loading_is_confined_and_checked(tmp_path):
     (path / "shard-00009.npy").write_bytes(b"stray")
     with pytest.raises(ValueError, match="shard-00009.npy"):
         tlfast.FeatureStore(path)
+
+
+# ============================================================== ShardedIndex (a one-rank gloo group)
+def _sharded_cases(tmp):
+    import torch.distributed as dist
+
+    from tlfast.distributed import ShardedIndex
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = ("returned", "")
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc))
+
+    path = tmp / "sx"
+    ShardedIndex("l2", timeout=30).add(_vectors(1), ids=np.arange(200)).save(path)
+    (tmp / "user" / "src").mkdir(parents=True)
+    (tmp / "user" / "src" / "main.py").write_text("mine")
+    attempt("user-folder", lambda: ShardedIndex("l2", timeout=30).add(_vectors(2)).save(tmp / "user", overwrite=True))
+    attempt("index-folder", lambda: ShardedIndex("l2", timeout=30).add(_vectors(2)).save(tmp / "ix", overwrite=True))
+    attempt("full-disk", lambda: _with_file_size_limit(
+        1000, lambda: ShardedIndex("l2", timeout=30).add(_vectors(2)).save(path, overwrite=True)))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    out["after-full-disk"] = ShardedIndex.load(path, timeout=30).search(_vectors(1)[:3], 1).indices.tolist()
+    record = json.loads((path / "shard-00000.json").read_text())
+    record["index"] = "../ix"
+    (path / "shard-00000.json").write_text(json.dumps(record))
+    attempt("escape", lambda: ShardedIndex.load(path, timeout=30))
+    meta = json.loads((path / "manifest.json").read_text())
+    del meta["counts"]
+    (path / "manifest.json").write_text(json.dumps(meta))
+    attempt("schema", lambda: ShardedIndex.load(path, timeout=30))
+    out["leftovers"] = _leftovers(tmp)
+    dist.destroy_process_group()
+    return out
+
+
+def test_sharded_index_save_is_atomic_refuses_foreign_folders_and_confines_paths(tmp_path):
+    _index(1).save(tmp_path / "ix")
+    rc, (kind, out) = _in_child(_sharded_cases, tmp_path)
+    assert rc == 0 and kind == "ok", out
+    assert out["user-folder"][0] == "FileExistsError" and (tmp_path / "user" / "src" / "main.py").read_text() == "mine"
+    assert out["index-folder"][0] == "FileExistsError" and _which(tmp_path / "ix", [1]) == 1
+    assert out["full-disk"][0] == "OSError" and "File too large" in out["full-disk"][1]
+    assert out["after-full-disk"] == [[0], [1], [2]]  # the old sharded index survived the failed save
+    assert out["escape"][0] == "ValueError" and "outside the folder" in out["escape"][1]
+    assert out["schema"][0] == "ValueError" and "'counts'" in out["schema"][1]
+    assert out["leftovers"] == []
+
+
+def test_saving_to_dot_and_trailing_slash_paths(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    _index(1).save(".")  # an empty current folder becomes the index
+    assert _which(tmp_path / "here", [1]) == 1
+    _index(2).save(str(tmp_path / "here") + "/", overwrite=True)
+    assert _which(tmp_path / "here", [1, 2]) == 2 and _leftovers(tmp_path) == []

@@ -121,7 +121,7 @@ def recover(target: str | os.PathLike) -> None:
     the two renames of a fallback commit goes back to ``target``; other temporaries are removed.
     Temporaries whose writer is alive (holds the flock) are left alone; errors are ignored (a
     read-only folder is fine)."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and "dir/" have a name and a parent
     for tmp in _temporaries(target):
         try:
             fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -502,7 +502,7 @@ def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Pat
     old file or the whole new one (temp file, fsync, rename).  A symlink is followed (its target
     is replaced); a character device or FIFO (``/dev/null``, a pipe) is written into, never
     replaced; a folder is an error.  The file gets the usual permissions (0666 & ~umask)."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     with contextlib.suppress(FileNotFoundError):
@@ -608,7 +608,7 @@ def staging(target: str | os.PathLike, kind: Kind, *, overwrite: bool) -> Iterat
     """A fresh staging folder for a new ``kind`` artefact at ``target``; on normal exit it is
     committed (atomically replacing the old version, see ``check_replaceable``), on an error it
     is removed and ``target`` is untouched."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     recover(target)
     check_replaceable(target, kind, overwrite)
     with naming(target.parent, "creating"):

@@ -504,6 +504,7 @@ SHARD_RECORD_KIND = _persist.Kind(SHARDED_FORMAT, "sharded index (rank shard man
 
 def _staging_path(path: Path) -> Path:
     """The staging folder of a collective save: one name every rank derives (rank 0 holds its lock)."""
+    path = Path(os.path.abspath(path))
     return path.parent / f".{path.name}{_persist.TMP_TAG}sharded"
 
 

@@ -54,6 +54,7 @@ def _shard_name(i: int) -> str:
 
 def partial_path(root: Path) -> Path:
     """Where an unfinished extraction into ``root`` keeps its work."""
+    root = Path(os.path.abspath(root))
     return root.parent / f".{root.name}{_PARTIAL}"
 
 
