@@ -88,25 +88,29 @@ _PRIMITIVES = [(os, "rename"), (os, "replace"), (os, "mkdir"), (os, "fsync"), (o
                (_persist, "_exchange"), (_persist.HashingWriter, "write")]
 
 
-def _save_dying_at(step, path, seed, exchange):
-    """Save version ``seed`` over ``path``, the process exiting at the ``step``-th file-system
-    primitive it calls (0: never)."""
+def _dying_at(step, exchange, fn, *args):
+    """Run ``fn(*args)``, the process exiting at the ``step``-th file-system primitive it calls
+    (0: never); returns how many it called."""
     count = [0]
 
-    def dying(fn):
+    def dying(call):
         def wrapper(*a, **k):
             count[0] += 1
             if count[0] == step:
                 os._exit(77)
-            return fn(*a, **k)
+            return call(*a, **k)
         return wrapper
 
     if not exchange:
         _persist._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE: two renames
     for owner, name in _PRIMITIVES:
         setattr(owner, name, dying(getattr(owner, name)))
-    _index(seed).save(path, overwrite=True)
+    fn(*args)
     return count[0]
+
+
+def _save_dying_at(step, path, seed, exchange):
+    return _dying_at(step, exchange, lambda: _index(seed).save(path, overwrite=True))
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
@@ -128,6 +132,48 @@ def test_save_killed_at_every_step_leaves_old_or_new(tmp_path, exchange):
     assert seen == {True, False}  # early deaths keep the old version, late ones already show the new
 
 
+def _store_features(path):
+    return np.asarray(tlfast.FeatureStore(path)).copy()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_extract_overwrite_killed_at_every_step_leaves_old_or_new_store(tmp_path, exchange):
+    path = tmp_path / "fs"
+    a, b = _tokens(12, 0), _tokens(12, 1)
+    old = _store_features(_gru_extractor().extract_to(path, a, shard_size=5).path)
+    new = _gru_extractor().extract(b).numpy()
+    rc, (_, steps) = _in_child(_dying_at, 0, exchange, lambda: _gru_extractor().extract_to(
+        tmp_path / "probe", b, shard_size=5))
+    assert rc == 0 and steps > 10
+    seen = set()
+    for step in range(1, steps + 1, 2):
+        rc, _ = _in_child(_dying_at, step, exchange, lambda: _gru_extractor().extract_to(
+            path, b, shard_size=5, overwrite=True))
+        got = _store_features(path)
+        is_new = got.shape == new.shape and np.allclose(got, new, atol=1e-6)
+        assert is_new or np.array_equal(got, old), f"step {step}: neither store"
+        seen.add(is_new)
+        if is_new:  # put the old store back for the next step
+            _gru_extractor().extract_to(path, a, shard_size=5, overwrite=True)
+    assert seen == {True, False}
+    np.testing.assert_allclose(_store_features(_gru_extractor().extract_to(path, b, shard_size=5, overwrite=True).path),
+                               new, atol=1e-6)
+    assert _leftovers(tmp_path) == []
+
+
+def test_result_file_killed_at_every_step_is_old_or_new(tmp_path):
+    out = tmp_path / "r.csv"
+    write = lambda data: _persist.write_file(out, lambda f: f.write(data))  # noqa: E731
+    rc, (_, steps) = _in_child(_dying_at, 0, True, write, b"new" * 1000)
+    assert rc == 0 and steps >= 3
+    for step in range(1, steps + 1):
+        out.write_bytes(b"old")
+        _in_child(_dying_at, step, True, write, b"new" * 1000)
+        assert out.read_bytes() in (b"old", b"new" * 1000)
+    write(b"x")
+    assert _leftovers(tmp_path) == []
+
+
 def _save_forever(path, ready_w):
     os.write(ready_w, b"x")
     seed = 1
@@ -140,7 +186,7 @@ def test_sigkill_at_random_times_leaves_a_loadable_index_and_no_garbage(tmp_path
     path = tmp_path / "ix"
     _index(1, n=20000, d=32).save(path)
     rng = random.Random(0)
-    for _ in range(12):
+    for _ in range(10):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child

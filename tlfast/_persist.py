@@ -81,13 +81,6 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-def _open_locked(path: Path) -> int:
-    """An fd on ``path`` (a folder or file just created by us) holding its exclusive flock."""
-    fd = os.open(path, os.O_RDONLY)
-    _try_lock(fd)
-    return fd
-
-
 def lock(path: Path) -> int | None:
     """An fd holding the exclusive flock of ``path`` (released when it is closed or the process dies),
     or None when a live process holds it (without flock: always an fd)."""
@@ -593,12 +586,13 @@ def commit(stage: Path, target: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)  # the old version, now under the staging name
         else:
             old = target.parent / f".{target.name}{OLD_TAG}{secrets.token_hex(4)}"
-            fd = _open_locked(target)  # the lock moves with the folder: recover() leaves it to us
+            fd = lock(target)  # the lock moves with the folder: recover() leaves it to us
             try:
                 os.rename(target, old)
                 os.rename(stage, target)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(target.parent)
 
@@ -616,7 +610,7 @@ def staging(target: str | os.PathLike, kind: Kind, *, overwrite: bool) -> Iterat
     stage = target.parent / f".{target.name}{TMP_TAG}{secrets.token_hex(4)}"
     with naming(stage, "creating"):
         os.mkdir(stage, _umasked(0o777) | 0o700)
-    fd = _open_locked(stage)
+    fd = lock(stage)  # ours alone: created just now under a random name
     try:
         yield stage
         _fsync_dir(stage)
@@ -626,4 +620,5 @@ def staging(target: str | os.PathLike, kind: Kind, *, overwrite: bool) -> Iterat
         shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
