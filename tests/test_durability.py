@@ -136,28 +136,31 @@ def _store_features(path):
     return np.asarray(tlfast.FeatureStore(path)).copy()
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
-def test_extract_overwrite_killed_at_every_step_leaves_old_or_new_store(tmp_path, exchange):
-    path = tmp_path / "fs"
-    a, b = _tokens(12, 0), _tokens(12, 1)
-    old = _store_features(_gru_extractor().extract_to(path, a, shard_size=5).path)
+def test_extract_overwrite_killed_at_every_step_leaves_old_or_new_store(tmp_path, exchange=True):
+    """(The two-rename commit is the one ``commit`` the Index test above kills in both modes.)"""
+    path, backup = tmp_path / "fs", tmp_path / "backup"
+    a, b = _tokens(8, 0), _tokens(8, 1)
+    old = _store_features(_gru_extractor().extract_to(path, a, shard_size=4).path)
+    shutil.copytree(path, backup)
     new = _gru_extractor().extract(b).numpy()
-    rc, (_, steps) = _in_child(_dying_at, 0, exchange, lambda: _gru_extractor().extract_to(
-        tmp_path / "probe", b, shard_size=5))
-    assert rc == 0 and steps > 10
+    rerun = lambda: _gru_extractor().extract_to(path, b, shard_size=4, overwrite=True)  # noqa: E731
+    shutil.rmtree(path)
+    rc, (_, steps) = _in_child(_dying_at, 0, exchange, rerun)
+    assert rc == 0 and steps > 10 and np.allclose(_store_features(path), new, atol=1e-6)
     seen = set()
-    for step in range(1, steps + 1, 2):
-        rc, _ = _in_child(_dying_at, step, exchange, lambda: _gru_extractor().extract_to(
-            path, b, shard_size=5, overwrite=True))
+    for step in range(1, steps + 1):
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(partial := tmp_path / ".fs.tlfast-partial", ignore_errors=True)
+        shutil.copytree(backup, path)
+        rc, _ = _in_child(_dying_at, step, exchange, rerun)
         got = _store_features(path)
         is_new = got.shape == new.shape and np.allclose(got, new, atol=1e-6)
         assert is_new or np.array_equal(got, old), f"step {step}: neither store"
         seen.add(is_new)
-        if is_new:  # put the old store back for the next step
-            _gru_extractor().extract_to(path, a, shard_size=5, overwrite=True)
     assert seen == {True, False}
-    np.testing.assert_allclose(_store_features(_gru_extractor().extract_to(path, b, shard_size=5, overwrite=True).path),
-                               new, atol=1e-6)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(backup)
+    np.testing.assert_allclose(_store_features(rerun().path), new, atol=1e-6)
     assert _leftovers(tmp_path) == []
 
 
