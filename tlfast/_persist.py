@@ -92,13 +92,12 @@ def lock(path: Path) -> int | None:
 
 
 def _temporaries(target: Path) -> list[Path]:
-    prefix = f".{target.name}."
+    prefixes = (f".{target.name}{TMP_TAG}", f".{target.name}{OLD_TAG}")
     try:
         names = os.listdir(target.parent)
     except FileNotFoundError:
         return []
-    return [target.parent / n for n in names
-            if n.startswith(prefix) and (n[len(prefix) - 1:].startswith(TMP_TAG) or n[len(prefix) - 1:].startswith(OLD_TAG))]
+    return [target.parent / n for n in names if n.startswith(prefixes)]
 
 
 def _remove(path: Path) -> None:
