@@ -80,22 +80,45 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _chunks(f: torch.Tensor, name: str = "features"):
-    """(start, rows as the working float dtype) over ``f``, checking each chunk is finite."""
+# Column-block width of the symmetric FᵀF product: only the blocks on and above the diagonal are
+# computed (for d = 1024, 36 of 64 blocks), each still a full-rate GEMM.
+_GRAM_BLOCK = 128
+
+
+def _chunks(f: torch.Tensor):
+    """(start, rows as the working float dtype) over ``f``."""
     work = _work_dtype(f)
     for i in range(0, f.shape[0], _CHUNK):
-        c = f[i:i + _CHUNK].to(work)
-        if not bool(torch.isfinite(c).all()):
-            raise ValueError(f"{name} contains NaN or inf (in rows {i}..{i + c.shape[0] - 1}); clean or drop them")
-        yield i, c
+        yield i, f[i:i + _CHUNK].to(work)
+
+
+def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str) -> None:
+    """gram += the upper block triangle of cᵀc (float64); NaN / inf rows show on its diagonal."""
+    d = c.shape[1]
+    for j in range(0, d, _GRAM_BLOCK):
+        gram[j:j + _GRAM_BLOCK, j:] += (c[:, j:j + _GRAM_BLOCK].T @ c[:, j:]).to(gram.dtype)
+    diag = torch.diagonal(gram)
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "
+                         f"too large to square in {c.dtype}); clean or drop them")
+
+
+def _symmetrise(gram: torch.Tensor) -> torch.Tensor:
+    """The full matrix from its upper triangle (the blocks below the diagonal were never written)."""
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).T
 
 
 @dataclass
 class _Moments:
-    """One pass of sufficient statistics (float64): n, Σf, FᵀF, and per column of the target matrix
-    either the class sums / counts (classification) or FᵀY / ΣY² (regression)."""
+    """One pass of sufficient statistics (float64) of the rows f_i - a: n, Σ, the Gram matrix, and per
+    column of the target matrix either the class sums / counts (classification) or the cross products
+    with Y / ΣY² (regression).  The shift a is 0 (LogME models the raw features) or, for the centred
+    scores, the first chunk's mean: then the later subtraction of n·μμᵀ removes a small term, not
+    the bulk of a large-mean (post-ReLU) feature's second moment."""
 
     n: int
+    shift: torch.Tensor          # (d,)     a
     total: torch.Tensor          # (d,)     Σ_i f_i
     gram: torch.Tensor           # (d, d)   FᵀF
     cross: torch.Tensor          # (C, d)   Yᵀ F: class sums, or FᵀY transposed for regression
@@ -105,31 +128,42 @@ class _Moments:
 
 
 def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, targets: torch.Tensor | None = None,
-             fourth: bool = False) -> _Moments:
+             fourth: bool = False, shift: bool = False, name: str = "features") -> _Moments:
     n, d = f.shape
     dev, f64 = f.device, torch.float64
-    total = torch.zeros(d, dtype=f64, device=dev)
+    work = _work_dtype(f)
+    a = f[:_CHUNK].to(work).mean(0) if shift else torch.zeros(d, dtype=work, device=dev)
     gram = torch.zeros(d, d, dtype=f64, device=dev)
     cross = torch.zeros(n_classes if targets is None else targets.shape[1], d, dtype=f64, device=dev)
+    ones = torch.ones(1, min(n, _CHUNK), dtype=work, device=dev)
+    total = torch.zeros(d, dtype=f64, device=dev)
     norm4 = torch.zeros((), dtype=f64, device=dev)
     norm2_f = torch.zeros(d, dtype=f64, device=dev)
     for i, c in _chunks(f):
-        gram += (c.T @ c).to(f64)
-        c64 = c.to(f64)
-        total += c64.sum(0)
+        if shift:
+            c = c - a
+        _add_gram(gram, c, i, name)
+        rows = c.shape[0]
         if targets is None:
-            cross.index_add_(0, codes[i:i + c.shape[0]], c64)
+            # Class sums of this chunk in the working dtype (at most _CHUNK rows each), then float64.
+            part = torch.zeros(n_classes, d, dtype=work, device=dev)
+            cross += part.index_add_(0, codes[i:i + rows], c).to(f64)
         else:
-            cross += targets[i:i + c.shape[0]].T @ c64
+            cross += (targets[i:i + rows].T.to(work) @ c).to(f64)
+            total += (ones[:, :rows] @ c)[0].to(f64)
         if fourth:
+            c64 = c.to(f64)
             sq = (c64 * c64).sum(1)
             norm4 += (sq * sq).sum()
             norm2_f += sq @ c64
+    gram = _symmetrise(gram)
     if targets is None:
         y_sq = torch.bincount(codes, minlength=n_classes).to(f64)
+        total = cross.sum(0)
     else:
         y_sq = (targets * targets).sum(0)
-    return _Moments(n, total, gram, cross, y_sq, norm4 if fourth else None, norm2_f if fourth else None)
+    return _Moments(n, a.to(f64), total, gram, cross, y_sq, norm4 if fourth else None,
+                    norm2_f if fourth else None)
 
 
 # ----------------------------------------------------------------------------------- LogME
@@ -250,8 +284,8 @@ def hscore(features: Any, y: Any, shrinkage: bool = False) -> float:
     f = _features(features)
     n, d = f.shape
     codes, n_classes = _labels(y, n, f.device)
-    mom = _moments(f, codes, n_classes, fourth=shrinkage)
-    mean = mom.total / n
+    mom = _moments(f, codes, n_classes, fourth=shrinkage, shift=True)
+    mean = mom.total / n                                  # of the shifted rows: μ - a
     scatter = mom.gram - n * torch.outer(mean, mean)
     between = mom.cross / mom.y_sq[:, None] - mean       # (C, d): μ_c - μ
     if shrinkage:
@@ -282,34 +316,39 @@ def transrate(features: Any, y: Any, eps: float = 1e-4) -> float:
 
         TransRate = R(Z) - (1/C) Σ_c R(Z_c),   Z_c the rows of class c (n_c of them, scale 1 / (n_c ε)).
 
-    The per-class Gram matrices are accumulated one class at a time from its rows, in chunks, so
-    memory stays O(d²) however many classes there are.
+    Two passes: the mean, then the Gram matrix of each class's centred rows, one class at a time in
+    chunks (memory O(d²) however many classes); ZᵀZ is their sum.  The rows are centred before
+    their products, so each Gram matrix is positive semi-definite to rounding even when the class
+    has fewer rows than dimensions.
     """
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     f = _features(features)
     n, d = f.shape
     codes, n_classes = _labels(y, n, f.device)
-    mom = _moments(f, codes, n_classes)
-    mean = mom.total / n
-    scatter = mom.gram - n * torch.outer(mean, mean)
-    rate = 0.5 * _logdet_coding(scatter, 1.0 / (n * eps))
+    f64 = torch.float64
+    total = torch.zeros(d, dtype=f64, device=f.device)
+    for i, c in _chunks(f):
+        part = c.sum(0).to(f64)
+        if not bool(torch.isfinite(part).all()):
+            raise ValueError(f"features contains NaN or inf (in rows {i}..{i + c.shape[0] - 1}); clean or drop them")
+        total += part
+    mean = (total / n).to(_work_dtype(f))
+    counts = torch.bincount(codes, minlength=n_classes)
     order = torch.argsort(codes, stable=True)
-    bounds = torch.cumsum(mom.y_sq.long(), 0).tolist()
-    work = _work_dtype(f)
-    start, class_rates = 0, torch.zeros((), dtype=torch.float64, device=f.device)
+    bounds = torch.cumsum(counts, 0).tolist()
+    scatter = torch.zeros(d, d, dtype=f64, device=f.device)
+    start, class_rates = 0, torch.zeros((), dtype=f64, device=f.device)
     for c in range(n_classes):
         rows = order[start:bounds[c]]
-        gram_c = torch.zeros(d, d, dtype=torch.float64, device=f.device)
+        gram_c = torch.zeros(d, d, dtype=f64, device=f.device)
         for i in range(0, rows.shape[0], _CHUNK):
-            chunk = f[rows[i:i + _CHUNK]].to(work)
-            gram_c += (chunk.T @ chunk).to(torch.float64)
-        n_c = bounds[c] - start
-        s_c = mom.cross[c]
-        # Rows of class c centred by the global mean: G_c - s_c μᵀ - μ s_cᵀ + n_c μμᵀ.
-        centred = gram_c - torch.outer(s_c, mean) - torch.outer(mean, s_c) + n_c * torch.outer(mean, mean)
-        class_rates = class_rates + 0.5 * _logdet_coding(centred, 1.0 / (n_c * eps))
+            _add_gram(gram_c, f[rows[i:i + _CHUNK]].to(mean.dtype) - mean, i, "features")
+        gram_c = _symmetrise(gram_c)
+        scatter += gram_c
+        class_rates = class_rates + 0.5 * _logdet_coding(gram_c, 1.0 / (int(counts[c]) * eps))
         start = bounds[c]
+    rate = 0.5 * _logdet_coding(scatter, 1.0 / (n * eps))
     return float(rate - class_rates / n_classes)
 
 
