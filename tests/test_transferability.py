@@ -134,3 +134,74 @@ def test_errors_name_the_argument():
         tr.transrate(f, y, eps=0)
     with pytest.raises(ValueError, match="regression|y must"):
         tr.logme(f, np.ones((82, 2)), regression=True)
+
+
+def test_centred_scores_keep_precision_on_large_mean_float32_features():
+    f, y = _problem(400, 12, 4)
+    shifted = (f + 50.0).astype(np.float32)  # post-ReLU-like: the mean dominates the second moment
+    ref = shifted.astype(np.float64)
+    assert tr.hscore(shifted, y) == pytest.approx(hscore_tllib(ref, y), rel=1e-4)
+    assert tr.hscore(shifted, y, shrinkage=True) == pytest.approx(regularized_hscore_tllib(ref, y), rel=1e-4)
+    few = shifted[:60]  # classes with fewer rows than... a coding rate that needs PSD Gram matrices
+    assert tr.transrate(few, y[:60]) == pytest.approx(transrate_tllib(few.astype(np.float64), y[:60]), rel=1e-4)
+
+
+def _tiny_extractor():
+    """A fixed random conv net as an Extractor over uint8 images (no weights to download)."""
+    import tlfast
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    return tlfast.Extractor.from_module(net, normalize=False, name="tinyconv")
+
+
+def test_rank_sources_sorts_best_first_and_extracts_only_the_sample():
+    import tlfast
+
+    f, y = _problem(300, 10, 3, informative=2.0)
+    noise = np.random.default_rng(9).standard_normal((300, 10))
+    images = np.random.default_rng(1).integers(0, 255, (300, 6, 6, 3), dtype=np.uint8)
+    ex = _tiny_extractor()
+    calls = []
+    real_extract = ex.extract
+    ex.extract = lambda data, **kw: calls.append(len(data)) or real_extract(data, **kw)
+    table = tlfast.rank_sources({"noise": noise, "good": torch.from_numpy(f), "tinyconv": ex}, images, y,
+                                sample=120)
+    assert [r.name for r in table][0] == "good" and len(table) == 3
+    assert [r.score for r in table] == sorted((r.score for r in table), reverse=True)
+    assert {r.name: r.dims for r in table} == {"noise": 10, "good": 10, "tinyconv": 8}
+    assert calls == [120] and all(r.seconds >= 0 for r in table)
+    # The sample is the same rows for every candidate: scores equal scoring those rows directly.
+    rows = np.sort(np.random.default_rng(0).choice(300, 120, replace=False))
+    good = next(r for r in table if r.name == "good")
+    assert good.score == pytest.approx(tr.logme(f[rows], y[rows]), rel=1e-9)
+    by_hscore = tlfast.rank_sources({"noise": noise, "good": f}, y=y, metric="hscore_shrinkage")
+    assert by_hscore[0].name == "good"
+    with pytest.raises(ValueError, match="metric"):
+        tlfast.rank_sources({"a": f}, y=y, metric="leep")
+    with pytest.raises(ValueError, match="pass the inputs"):
+        tlfast.rank_sources([ex], None, y)
+    with pytest.raises(ValueError, match="rows"):
+        tlfast.rank_sources({"a": f[:10]}, y=y)
+    with pytest.raises(TypeError, match="mapping"):
+        tlfast.rank_sources([f], y=y)
+
+
+def test_cli_rank(tmp_path, capsys):
+    from tlfast.cli import main
+
+    f, y = _problem(200, 8, 3, informative=2.0)
+    np.save(tmp_path / "labels.npy", y)
+    np.save(tmp_path / "good.npy", f.astype(np.float32))
+    np.save(tmp_path / "noise.npy", np.random.default_rng(3).standard_normal((200, 8)).astype(np.float32))
+    out = tmp_path / "rank.json"
+    assert main(["rank", str(tmp_path / "labels.npy"), str(tmp_path / "noise.npy"),
+                 f"best={tmp_path / 'good.npy'}", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | best |" in printed and "| 2 | noise |" in printed
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["best", "noise"] and rows[0]["dims"] == 8
+    assert main(["rank", str(tmp_path / "labels.npy"), "efficientnet_lite0"]) == 2
+    assert "--data" in capsys.readouterr().err
