@@ -285,6 +285,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     import tlfast
     from .transferability import ranking_table
 
+    if args.out and Path(args.out).suffix not in (".json", ".md"):
+        raise CLIError(f"--out {args.out}: write .json or .md")
     labels = np.load(args.labels, allow_pickle=False)
     candidates: dict[str, Any] = {}
     data = None
@@ -315,10 +317,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         if out.suffix == ".json":
             atomic_write(out, lambda f: f.write(json.dumps({"metric": args.metric, "sample": args.sample,
                                                             "rows": rows}, indent=1).encode()))
-        elif out.suffix == ".md":
-            atomic_write(out, lambda f: f.write((md + "\n").encode()))
         else:
-            raise CLIError(f"--out {out}: write .json or .md")
+            atomic_write(out, lambda f: f.write((md + "\n").encode()))
     print(md)
     return 0
 
