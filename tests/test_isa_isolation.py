@@ -35,7 +35,7 @@ def functions_using_wide_registers(obj: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "generic"])
 def test_only_the_isa_namespace_uses_the_isa(isa, tmp_path):
     obj = tmp_path / f"{isa}.o"
     # The flags CMakeLists.txt gives every C++ source (no ISA flags: the TU's pragma sets the ISA).
