@@ -49,3 +49,14 @@ def test_only_the_isa_namespace_uses_the_isa(isa, tmp_path):
         assert not wide
     else:
         assert wide, "the ISA pragma did not take effect: no kernel uses the wide registers"
+
+
+def test_bf16_pair_layout_matches_the_float32_kernel(tmp_path):
+    """The AVX512-BF16 kernel's pair packing and epilogue, with vdpbf16ps written out, built for AVX2
+    (this machine has no AVX512-BF16): same answers as the float32 kernel on the widened inputs."""
+    exe = tmp_path / "bf16_pairs_check"
+    subprocess.run([CXX, "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-std=gnu++17",
+                    f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cpp" / "bf16_pairs_check.cpp"), "-o", str(exe)],
+                   check=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -182,6 +182,7 @@ static inline void accumulate_bf16_pairs(const uint32_t* __restrict qp, const ui
     for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.0f);
   const int64_t d2 = (d + 1) / 2;
   for (int64_t t = 0; t < d2; ++t) {
+#if TLFAST_ISA_AVX512
     __m512bh b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_load_si512((const void*)(cp + t * NR + v * W));
@@ -191,6 +192,22 @@ static inline void accumulate_bf16_pairs(const uint32_t* __restrict qp, const ui
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = (vf)_mm512_dpbf16_ps((__m512)acc[r][v], a, b[v]);
     }
+#else
+    // vdpbf16ps written out (acc += lo(a) lo(b) + hi(a) hi(b), halves widened exactly): never
+    // dispatched; tests/test_isa_isolation.py builds it for AVX2 to check the pair layout, packing
+    // and epilogue on CPUs without AVX512-BF16.
+    typedef uint32_t vu __attribute__((vector_size(W * 4)));
+    vu b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *(const vu*)(cp + t * NR + v * W);
+    for (int r = 0; r < ROWS; ++r) {
+      const uint32_t a = qp[t * ROWS + r], alo_bits = a << 16, ahi_bits = a & 0xffff0000u;
+      float alo, ahi;
+      std::memcpy(&alo, &alo_bits, 4);
+      std::memcpy(&ahi, &ahi_bits, 4);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] += (vf)(b[v] << 16) * alo + (vf)(b[v] & 0xffff0000u) * ahi;
+    }
+#endif
   }
 }
 #endif
