@@ -263,7 +263,7 @@ def markdown(rows: list[dict], mm: dict) -> str:
 
 # --- low-precision cases (issue 12): bf16 / fp16 inputs and exact mode's screening ------------------
 
-LOWP_SHAPE = (10_000, 100_000, 128, 10)        # cosine, k = 10
+LOWP_SHAPE = (10_000, 100_000, 128, 10)        # cosine, k = 10 (--lowp-queries changes the 10,000)
 LOWP_QUICK = (1_000, 20_000, 128, 10)
 # contender: (input dtype, how it runs)
 LOWP_CONTENDERS = {
@@ -288,20 +288,30 @@ def _lowp_fn(name: str, q, c, k: int):
     qt, ct = torch.from_numpy(q).to(getattr(torch, dtype)), torch.from_numpy(c).to(getattr(torch, dtype))
     if how == "exact":
         return lambda: tlfast.knn(qt, ct, k, "cosine", backend="cpu")
-    if how == "widen-in-python":  # what the cpu backend did before it took bf16 natively
+    if how == "widen-in-python":  # what tlfast.knn did before the cpu backend took bf16 natively
+        from tlfast._validate import validate_pair
         cpu = resolve("cpu", qt.device)
-        return lambda: cpu.knn(qt.float(), ct.float(), k, METRICS["cosine"], False)
+
+        def run():
+            inp = validate_pair(qt, ct, "cosine")
+            return cpu.knn(inp.queries.float(), inp.corpus.float(), k, METRICS["cosine"], False)
+        return run
     if how == "screen-bf16":
         tlp.SCREEN = "bf16"
         return lambda: tlfast.knn(qt, ct, k, "cosine", backend="cpu")
     return _faiss("cosine", q, c, k)
 
 
-def lowp_run_one(name: str, quick: bool, repeats: int) -> dict:
+def _lowp_shape(quick: bool, queries: int | None):
+    nq, n, d, k = LOWP_QUICK if quick else LOWP_SHAPE
+    return (queries or nq), n, d, k
+
+
+def lowp_run_one(name: str, quick: bool, repeats: int, queries: int | None = None) -> dict:
     """One low-precision contender in this (fresh) process: median of >= 5 runs after a warm-up."""
     import torch
 
-    nq, n, d, k = LOWP_QUICK if quick else LOWP_SHAPE
+    nq, n, d, k = _lowp_shape(quick, queries)
     q, c = make_data("normal", nq, n, d)
     fn = _lowp_fn(name, q, c, k)
     fn()
@@ -320,14 +330,14 @@ def lowp_run_one(name: str, quick: bool, repeats: int) -> dict:
             "peak_rss_bytes": peak, "peak_extra_bytes": max(0, peak - base), "threads": torch.get_num_threads()}
 
 
-def lowp_mm_rates(quick: bool) -> list[dict]:
-    """torch.mm's rate per dtype on the kNN's own shape (a 1,000-query chunk against the corpus)."""
+def lowp_mm_rates(quick: bool, rows: int = 1000) -> list[dict]:
+    """torch.mm's rate per dtype on the kNN's own shape (a chunk of queries against the corpus)."""
     import torch
 
     nq, n, d, _ = LOWP_QUICK if quick else LOWP_SHAPE
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        a, b = torch.randn(1000, d).to(dtype), torch.randn(d, n).to(dtype)
+        a, b = torch.randn(rows, d).to(dtype), torch.randn(d, n).to(dtype)
         torch.mm(a, b)
         times = []
         for _ in range(5):
@@ -335,8 +345,8 @@ def lowp_mm_rates(quick: bool) -> list[dict]:
             torch.mm(a, b)
             times.append(time.perf_counter() - t)
         med = float(np.median(times))
-        out.append({"op": "mm", "shape": [1000, d, n], "dtype": str(dtype).replace("torch.", ""),
-                    "median_s": med, "gflops": 2.0 * 1000 * d * n / med / 1e9})
+        out.append({"op": "mm", "shape": [rows, d, n], "dtype": str(dtype).replace("torch.", ""),
+                    "median_s": med, "gflops": 2.0 * rows * d * n / med / 1e9})
     return out
 
 
@@ -359,10 +369,12 @@ def lowp_main(args) -> int:
     from tlfast._native import _C
 
     load_before = os.getloadavg()
-    mm = lowp_mm_rates(args.quick)
+    mm = lowp_mm_rates(args.quick, 1000 if args.lowp_queries is None else max(1, args.lowp_queries // 10))
     rows = []
     for name in LOWP_CONTENDERS:
         cmd = [sys.executable, __file__, "--lowp-one", name, "--repeats", str(args.repeats)]
+        if args.lowp_queries:
+            cmd += ["--lowp-queries", str(args.lowp_queries)]
         if args.quick:
             cmd.append("--quick")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -410,10 +422,11 @@ def main(argv=None) -> int:
     p.add_argument("--lowp", action="store_true",
                    help="the low-precision cases instead (bf16 / fp16 inputs, exact mode's screening)")
     p.add_argument("--lowp-name", default="cpu-knn-lowp", help="result file stem of --lowp")
+    p.add_argument("--lowp-queries", type=int, help="queries of the --lowp case (default 10,000)")
     p.add_argument("--lowp-one", metavar="CONTENDER", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lowp_one:
-        print(json.dumps(lowp_run_one(args.lowp_one, args.quick, args.repeats)))
+        print(json.dumps(lowp_run_one(args.lowp_one, args.quick, args.repeats, args.lowp_queries)))
         return 0
     if args.lowp:
         return lowp_main(args)
