@@ -23,12 +23,23 @@
 #ifndef TLFAST_ISA_BF16DOT
 #define TLFAST_ISA_BF16DOT 0
 #endif
+// TLFAST_ISA_AMX (AMX TU only, with TLFAST_ISA_BF16DOT): for d >= 16 those products run on AMX
+// tiles (tdpbf16ps) in blocks of 16 queries.
+#ifndef TLFAST_ISA_AMX
+#define TLFAST_ISA_AMX 0
+#endif
 
 namespace tlfast {
 namespace cpu {
 namespace TLFAST_ISA {
 
-#if TLFAST_ISA_AVX512
+#if TLFAST_ISA_AMX && TLFAST_ISA_AVX512
+constexpr int W = 16;
+constexpr int MR = 16;  // an AMX A tile holds 16 query rows
+#elif TLFAST_ISA_AMX && TLFAST_ISA_AVX2
+constexpr int W = 8;    // tests only: the AMX block with the tile operations written out
+constexpr int MR = 16;
+#elif TLFAST_ISA_AVX512
 constexpr int W = 16;   // floats per vector
 constexpr int MR = 12;  // query rows per register block: 12 x 2 accumulators of 32 zmm registers
 #elif TLFAST_ISA_AVX2
@@ -212,6 +223,89 @@ static inline void accumulate_bf16_pairs(const uint32_t* __restrict qp, const ui
 }
 #endif
 
+// AMX: a block of 16 queries x NR corpus rows is NR / 16 fp32 C tiles (16 x 16), accumulated
+// over d in steps of 32 bf16 (16 pairs): A tile = 16 query rows x 16 pairs, B tile = 16 pair-rows of
+// a corpus panel x 16 columns, which is the pair layout above read with stride NR.  So AMX panels
+// are the bf16 pair panels padded with zero pairs to amx_depth(d); query micro-panels are
+// [16][amx_depth(d)] (row-major, as A tiles load).  For d >= 16, amx_depth(d) <= d, so both fit
+// the float32 panel buffers; smaller d uses the vdpbf16ps path.
+template <Metric M, typename T>
+constexpr bool kAmx = TLFAST_ISA_AMX && kBf16Pairs<M, T>;
+constexpr int64_t kAmxMinDim = 16;
+
+static inline int64_t amx_depth(int64_t d) { return ((d + 1) / 2 + 15) / 16 * 16; }
+
+template <Metric M, typename T>
+static inline bool use_amx(int64_t d) {
+  return kAmx<M, T> && d >= kAmxMinDim;
+}
+
+#if TLFAST_ISA_AMX
+#if TLFAST_ISA_AVX512
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every thread that runs tile instructions loads the configuration: tiles 0-1 C, 2 A, 3-4 B, each
+// 16 rows of 64 bytes.  (The process asked the kernel for the tile state once: knn.cpp.)
+static inline void amx_configure() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+static inline void amx_release() { _tile_release(); }
+#else
+static inline void amx_configure() {}
+static inline void amx_release() {}
+#endif
+
+template <int ROWS>
+static inline void accumulate_amx(const uint32_t* __restrict qp, const uint32_t* __restrict cp, int64_t d,
+                                  vf acc[ROWS][NV]) {
+  static_assert(ROWS == 16, "an AMX A tile is 16 rows");
+  const int64_t depth = amx_depth(d);
+  alignas(64) float out[16 * NR];
+#if TLFAST_ISA_AVX512
+  static_assert(NR == 32, "two C tiles per block");
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t kc = 0; kc < depth; kc += 16) {
+    _tile_loadd(2, qp + kc, depth * 4);
+    _tile_loadd(3, cp + kc * NR, NR * 4);
+    _tile_loadd(4, cp + kc * NR + 16, NR * 4);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, out, NR * 4);
+  _tile_stored(1, out + 16, NR * 4);
+#else
+  // tdpbf16ps written out (tests only): C[m][n] += sum_k lo(A[m][k]) lo(B[k][n]) + hi(A[m][k]) hi(B[k][n]).
+  auto half = [](uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  for (int m = 0; m < 16; ++m)
+    for (int j = 0; j < NR; ++j) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < depth; ++t) {
+        const uint32_t a = qp[m * depth + t], b = cp[t * NR + j];
+        sum += half(a << 16) * half(b << 16) + half(a & 0xffff0000u) * half(b & 0xffff0000u);
+      }
+      out[m * NR + j] = sum;
+    }
+#endif
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], out + r * NR + v * W, sizeof(vf));
+}
+#endif
+
 // Inner loop over d for one MR x NR register block.
 template <Metric M, int ROWS>
 static inline void accumulate(const float* __restrict qp,  // [d][ROWS], packed query micro-panel
@@ -342,7 +436,8 @@ static void pack_panel(const T* c, int64_t n, int64_t d, int64_t p, float* dst, 
       const float* x = float_row(c + row * d, d, scratch);
       if constexpr (kBf16Pairs<M, T>) {
         uint32_t* dst2 = reinterpret_cast<uint32_t*>(dst);
-        for (int64_t t2 = 0; t2 < (d + 1) / 2; ++t2) dst2[t2 * NR + j] = bf16_pair(c + row * d, d, t2);
+        const int64_t d2 = (d + 1) / 2, depth = use_amx<M, T>(d) ? amx_depth(d) : d2;
+        for (int64_t t2 = 0; t2 < depth; ++t2) dst2[t2 * NR + j] = t2 < d2 ? bf16_pair(c + row * d, d, t2) : 0u;
         cterm[j] = (M == Metric::COSINE) ? inverse_norm(x, d) : row_term<M>(x, d, false);
         continue;
       }
@@ -380,7 +475,13 @@ static void pack_queries(const T* q, int64_t nq, int64_t d, int64_t r0, int64_t 
         const float* x = float_row(q + row * d, d, scratch);
         if constexpr (kBf16Pairs<M, T>) {
           uint32_t* dst2 = reinterpret_cast<uint32_t*>(dst);
-          for (int64_t t2 = 0; t2 < (d + 1) / 2; ++t2) dst2[t2 * ROWS + r] = bf16_pair(q + row * d, d, t2);
+          const int64_t d2 = (d + 1) / 2;
+          if (use_amx<M, T>(d)) {
+            const int64_t depth = amx_depth(d);
+            for (int64_t t2 = 0; t2 < depth; ++t2) dst2[r * depth + t2] = t2 < d2 ? bf16_pair(q + row * d, d, t2) : 0u;
+          } else {
+            for (int64_t t2 = 0; t2 < d2; ++t2) dst2[t2 * ROWS + r] = bf16_pair(q + row * d, d, t2);
+          }
           qterm[i + r] = (M == Metric::COSINE) ? inverse_norm(x, d) : row_term<M>(x, d, true);
           continue;
         }
@@ -388,7 +489,11 @@ static void pack_queries(const T* q, int64_t nq, int64_t d, int64_t r0, int64_t 
         for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = x[t] * inv;
         qterm[i + r] = row_term<M>(x, d, true);
       } else {
-        for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = 0.0f;
+        if (use_amx<M, T>(d)) {  // AMX micro-panels are row-major, [ROWS][amx_depth(d)]
+          for (int64_t t2 = 0; t2 < amx_depth(d); ++t2) dst[r * amx_depth(d) + t2] = 0.0f;
+        } else {
+          for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = 0.0f;
+        }
         qterm[i + r] = 0.0f;
       }
     }
@@ -433,6 +538,9 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
     Buffer cbuf = aligned_floats(prepack ? 0 : (size_t)d * NR);
     Buffer cbuf_term = aligned_floats(NR);
     std::vector<float> qterm(mb), thr(mb), scratch(std::is_same<T, float>::value ? 0 : d);
+#if TLFAST_ISA_AMX
+    if (use_amx<M, T>(d)) amx_configure();
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qblocks * segments; ++item) {
       const int64_t qb = item / segments, seg = item % segments;
@@ -462,6 +570,16 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
         const unsigned valid = (n - col0 >= NR) ? (unsigned)((1ull << NR) - 1) : (unsigned)((1ull << (n - col0)) - 1);
         for (int64_t i = 0; i < rows_padded; i += ROWS) {
           vf acc[ROWS][NV];
+#if TLFAST_ISA_AMX
+          if constexpr (kAmx<M, T>) {
+            if (d >= kAmxMinDim)
+              accumulate_amx<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                   reinterpret_cast<const uint32_t*>(cp), d, acc);
+            else
+              accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                          reinterpret_cast<const uint32_t*>(cp), d, acc);
+          } else
+#endif
 #if TLFAST_ISA_BF16DOT
           if constexpr (kBf16Pairs<M, T>)
             accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
@@ -502,6 +620,9 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
       }
       for (int64_t r = 0; r < rows; ++r) hsize[(size_t)seg * nq + r0 + r] = heaps[r].size;
     }
+#if TLFAST_ISA_AMX
+    if (use_amx<M, T>(d)) amx_release();
+#endif
 
     // Merge the segments' lists and order each query's k best, best first, ties by index.
 #pragma omp for schedule(static)

@@ -1,4 +1,4 @@
-// Checks the bf16-pair path of fused_knn.h (the layout the AVX512-BF16 kernel uses) on any AVX2
+// Checks the bf16-pair path of fused_knn.h (the layout the AVX512-BF16 and AMX kernels use) on any AVX2
 // CPU: built with TLFAST_ISA_BF16DOT and the AVX2 ISA, its written-out vdpbf16ps must give the
 // float32 kernel's answers on the widened inputs (same indices except on near-ties, values within
 // float32 summation-order error).  Exit status 0 on success; run by tests/test_isa_isolation.py.
@@ -11,6 +11,10 @@
 #define TLFAST_ISA_AVX512 0
 #define TLFAST_ISA_AVX2 1
 #define TLFAST_ISA_BF16DOT 1
+#ifndef CHECK_AMX  // -DCHECK_AMX=1: the AMX block (16 queries, tdpbf16ps written out) for d >= 16
+#define CHECK_AMX 0
+#endif
+#define TLFAST_ISA_AMX CHECK_AMX
 #include "cpu/fused_knn.h"
 #pragma GCC pop_options
 
@@ -27,7 +31,8 @@ int main() {
   std::normal_distribution<float> normal;
   int failures = 0;
   for (int64_t d : {1, 2, 19, 64}) {
-    const int64_t nq = 37, n = 301;  // several query blocks and a partial corpus panel
+    // one query block (panels packed as used) or several (corpus packed once); a partial panel
+    const int64_t nq = d == 64 ? 800 : 37, n = 301;
     std::vector<uint16_t> q(nq * d), c(n * d);
     for (auto& x : q) x = to_bf16(normal(gen));
     for (auto& x : c) x = to_bf16(normal(gen));
