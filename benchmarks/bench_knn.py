@@ -395,6 +395,8 @@ def lowp_main(args) -> int:
              f"CPU: {meta['device']}, flags {' '.join(meta['flags'])}; kernels: {meta['isa']}.  "
              f"Load average before / after: {load_before[0]:.1f} / {meta['loadavg_after'][0]:.1f} "
              f"(this machine is shared). {meta['date']}, commit {meta['commit']}.", "",
+             f"Cosine, {rows[0].get('nq')} queries x {rows[0].get('n')} corpus rows x d = {rows[0].get('d')}, "
+             f"k = {rows[0].get('k')}; each contender in its own process, median of >= 5 runs after a warm-up.", "",
              "torch.mm on the same shape: " + ", ".join(f"{m['dtype']} **{m['gflops']:.1f} GFLOP/s**" for m in mm),
              "", "| contender | input | median s | p95 s | GFLOP/s | vs tlfast fp32 | peak extra MB |",
              "|---|---|---|---|---|---|---|"]
