@@ -30,6 +30,7 @@ from . import _persist
 from .backends import resolve as _resolve_backend
 from ._validate import as_tensor, check_domain, check_matrix
 from .metrics import METRICS, get_metric
+from .precision import WithPrecision, check_precision
 from .ops import KnnResult
 
 __all__ = ["Index", "parse_bytes"]
@@ -342,7 +343,7 @@ class Index:
             yield _ready(pending, compute)
 
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None,
-               **search_params: Any) -> KnnResult:
+               precision: str = "exact", **search_params: Any) -> KnnResult:
         """The ``k`` best stored vectors for each query, as ``KnnResult(values, indices)`` where
         ``indices`` are the ids given to ``add`` (-1 where an approximate index found fewer than k).
 
@@ -355,6 +356,7 @@ class Index:
                 the corpus is then streamed block by block (memory-mapped storage is read from disk
                 as it goes; on GPU, host->device copies overlap with compute) and the per-block top-k
                 merged.  Results equal a search without a budget.
+            precision: exact search only: "exact", "bf16" or "fp16", as in ``tlfast.knn``.
             **search_params: approximate kinds only (e.g. ``nprobe``, ``ef_search``).
         """
         if self._count == 0:
@@ -370,6 +372,10 @@ class Index:
         if not 1 <= k <= self._count:
             raise ValueError(f"k must be between 1 and {self._count} (the index size), got k={k}")
         out_device = q.device
+        precision = check_precision(precision)
+        if self.kind != "flat" and precision != "exact":
+            raise ValueError(f"precision={precision!r} applies to exact search; kind={self.kind!r} has its "
+                             f"own storage precision (drop precision)")
         if self.kind != "flat":
             if memory_budget is not None:
                 raise ValueError(f"memory_budget applies to exact search; kind={self.kind!r} keeps its own "
@@ -381,13 +387,13 @@ class Index:
             if search_params:
                 raise ValueError(f"unknown search parameters {sorted(search_params)}: an exact (flat) index "
                                  f"takes none; they belong to approximate kinds")
-            values, positions = self._search_flat(q.to(self.device), k, backend, memory_budget)
+            values, positions = self._search_flat(q.to(self.device), k, backend, memory_budget, precision)
         ids = self._positions_to_ids(positions)
         values, ids = values.to(out_device), ids.to(out_device)
         return KnnResult(values.numpy(), ids.numpy()) if is_numpy else KnnResult(values, ids)
 
-    def _search_flat(self, q: torch.Tensor, k: int, backend: str, memory_budget: Any):
-        impl = _resolve_backend(backend, self.device)
+    def _search_flat(self, q: torch.Tensor, k: int, backend: str, memory_budget: Any, precision: str = "exact"):
+        impl = WithPrecision(_resolve_backend(backend, self.device), precision)
         rows = None
         if memory_budget is not None:
             # Working set of one block: its stored bytes plus the float32 copy the kernel reads.
