@@ -149,16 +149,24 @@ def chart(result: dict) -> bytes | None:
         cases = list(dict.fromkeys(r["case"] for r in rows))
         if not cases:
             return None
-        fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 2.8), squeeze=False)
-        for ax, case in zip(axes[0], cases):
+        cols = min(2, len(cases))
+        nrow = math.ceil(len(cases) / cols)
+        most = max(sum(r["case"] == c for r in rows) for c in cases)
+        fig, axes = plt.subplots(nrow, cols, figsize=(5.2 * cols, (0.32 * most + 1.1) * nrow), squeeze=False)
+        for ax, case in zip(axes.flat, cases):
             rs = [r for r in rows if r["case"] == case]
-            ax.barh(range(len(rs)), [1 / r["median_s"] for r in rs],
-                    color=["tab:blue" if not r.get("peer_of") else "tab:grey" for r in rs])
-            ax.set_yticks(range(len(rs)), [r["contender"] for r in rs], fontsize=7)
+            ours = next((r for r in rs if not r.get("peer_of")), rs[0])
+            speed = [ours["median_s"] / r["median_s"] for r in rs]  # relative to tlfast's row
+            ax.barh(range(len(rs)), speed, color=["tab:blue" if not r.get("peer_of") else "tab:grey" for r in rs])
+            for i, v in enumerate(speed):
+                ax.text(v, i, f" {v:.2f}x", va="center", fontsize=6)
+            ax.set_yticks(range(len(rs)), [r["contender"][:40] for r in rs], fontsize=6)
             ax.invert_yaxis()
-            ax.set_xscale("log")
-            ax.set_xlabel("calls / s (log; longer is faster)", fontsize=7)
+            ax.set_xlim(0, max(speed) * 1.25)
+            ax.set_xlabel(f"speed relative to {ours['contender'][:30]} (longer is faster)", fontsize=7)
             ax.set_title(case, fontsize=8)
+        for ax in list(axes.flat)[len(cases):]:
+            ax.axis("off")
         fig.suptitle(f"tlfast bench {suite} (blue: tlfast, grey: peers)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
