@@ -185,7 +185,7 @@ def mm_rate(dtype: str, quick: bool, device: str = "cpu") -> dict:
 
     # Half precision on a CPU without bf16 / fp16 matrix units runs at a few GFLOP/s: small shape.
     small = quick or (dtype != "float32" and not device.startswith("cuda"))
-    m, kk, n = (1024, 128, 4096) if small else (4096, 128, 16384)
+    m, kk, n = ((256, 128, 1024) if dtype != "float32" else (1024, 128, 4096)) if small else (4096, 128, 16384)
     a = torch.randn(m, kk, device=device).to(_torch_dtype(dtype))
     b = torch.randn(kk, n, device=device).to(_torch_dtype(dtype))
     s = measure(lambda: torch.mm(a, b), repeats=7, device=device)
