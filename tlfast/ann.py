@@ -439,12 +439,13 @@ class FusedIVF(_ApproximateIndex):
 
     kind = "ivf"
     kmeans_iterations = 10
-    # √n lists, not faiss's 4·√n: the fine step scans each list with one GEMM-shaped kernel call for
-    # all the queries probing it, so long lists cost little, while the coarse step costs nlist per
-    # query and every list a Python-level call.  On 500k x 32 Dirichlet data: 707 lists, nprobe 4 ->
-    # recall@10 0.978 at 13x exact (benchmarks/results/ann-cpu.md); 2828 lists needed nprobe 16 for
-    # 0.996 at ~4x (an earlier run).
-    lists_per_sqrt_n = 1.0
+    # Lists per √n, by input domain.  ip / l2 / cosine: faiss's 4·√n (on 500k x 128 clustered
+    # cosine, 2828 lists gave recall@10 0.952 at 12.4x exact vs 0.939 at 10.8x with 707;
+    # benchmarks/results/ann-cpu.md).  kl / js: √n — each probed list costs one kernel call with
+    # a fixed cost of tens of µs, and 32-d probability rows scan so cheaply that the call count
+    # dominates (500k x 32 Dirichlet: 707 lists, nprobe 4 -> recall@10 0.978 at 13x; 2828 lists
+    # needed nprobe 16 for 0.996 at ~4x).
+    lists_per_sqrt_n = {"any": 4.0, "nonzero": 4.0, "simplex": 1.0}
     # Training sample per centroid: enough for stable means, bounded cost (faiss uses 256).
     sample_per_centroid = 64
 
@@ -527,7 +528,7 @@ class FusedIVF(_ApproximateIndex):
 
     def _train(self, x: np.ndarray) -> None:
         rng = np.random.default_rng(self.seed)
-        nlist = self.nlist = self.nlist or default_nlist(len(x), self.lists_per_sqrt_n)
+        nlist = self.nlist = self.nlist or default_nlist(len(x), self.lists_per_sqrt_n[self.metric.domain])
         if len(x) > self.sample_per_centroid * nlist:
             x = x[rng.choice(len(x), self.sample_per_centroid * nlist, replace=False)]
         centroids = x[rng.choice(len(x), nlist, replace=False)].copy()
