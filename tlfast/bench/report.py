@@ -82,7 +82,9 @@ def markdown(result: dict) -> str:
             ours = by_case[r["case"]].get(r.get("peer_of") or "")
             ratio = "-"
             if ours is not None and not ours.get("error") and ours.get("median_s"):
-                ratio = f"{ours['contender']} is {r['median_s'] / ours['median_s']:.2f}x faster than {r['contender']}"
+                x = r["median_s"] / ours["median_s"]
+                ratio = (f"{ours['contender']} is {x:.2f}x faster than {r['contender']}" if x >= 1 else
+                         f"{ours['contender']} is {1 / x:.2f}x slower than {r['contender']}")
             g = r["metrics"].get("gflops")
             lines.append(f"| {r['case']} ({_params(r['params'])}) | {r['contender']} | {_fmt_s(r['median_s'])} | "
                          f"{_fmt_s(r.get('p90_s'))} | {r['runs']} | {f'{g:.1f}' if g else '-'} | {ratio} |")
@@ -134,7 +136,8 @@ def chart(result: dict) -> bytes | None:
             ax.axis("off")
         fig.suptitle("recall vs queries/s (up and right is better; * = tuned setting)", fontsize=9)
     elif suite == "latency":
-        labels = [f"{r['case']} x{r['params'].get('callers', 1)}" for r in rows]
+        labels = [f"{r['case']}{' ' + r['contender'][:22] if r.get('peer_of') or r['case'].startswith('text') else ''} "
+                  f"batch {r['params'].get('batch', 1)}, {r['params'].get('callers', 1)} caller(s)" for r in rows]
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
         for j, (key, colour) in enumerate((("median_s", "tab:blue"), ("p99_s", "tab:orange"), ("p99_9_s", "tab:red"))):
             ax.barh([i + 0.27 * (j - 1) for i in range(len(rows))], [r.get(key) or 0 for r in rows], height=0.27,
