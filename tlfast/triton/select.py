@@ -42,24 +42,45 @@ def ordered_keys(value, SMALLER_IS_BETTER: tl.constexpr):
 
 
 @triton.jit
-def merge_tile(best, value, cols, invalid, SMALLER_IS_BETTER: tl.constexpr):
-    """Merge a tile of metric values into each row's running list.
+def merge_tile(best, thr, value, cols, invalid, SMALLER_IS_BETTER: tl.constexpr):
+    """Merge a tile of metric values into each row's running list -> (best, thr).
 
     best:    [M, K_PAD] int64 running list of words, unordered; its minimum is the row's threshold.
              Slots that must never be replaced hold words above every real word (see knn kernels).
+    thr:     [M] int64, min(best, 1): carried between tiles, so a tile that changes nothing costs
+             no pass over the list;
     value:   [M, N] float32 metric values; cols: [N] int64 corpus indices;
     invalid: [M, N] bool, entries that must never be picked.
 
-    The tile stays in int32 ordered keys: a candidate's word (key << 32 | ~col) is formed only for
-    the one entry per row that enters, so the tile costs half the registers of a tile of words.
-    An entry beats the threshold word (thr_key, thr_col) when key > thr_key, or key == thr_key and
+    A float pre-filter keeps most tiles to a compare per entry: an entry can only enter when its
+    key is >= the row's threshold key (ties may still win on the index), or is NaN.  Only if one
+    passes does the tile become int32 ordered keys (:func:`_insert`).
+    """
+    if SMALLER_IS_BETTER:
+        key = -value
+    else:
+        key = value
+    thr_key = (thr >> 32).to(tl.int32)
+    thr_float = (thr_key ^ ((thr_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    thr_float = tl.where(thr_key == _NEVER_KEY, float("-inf"), thr_float)  # a list not yet filled
+    maybe = ((key >= thr_float[:, None]) | (key != key)) & (invalid == 0)
+    if tl.max(tl.max(maybe.to(tl.int32), 1), 0) > 0:
+        best, thr = _insert(best, thr, tl.where(invalid, _NEVER_KEY, ordered_keys(value, SMALLER_IS_BETTER)), cols)
+    return best, thr
+
+
+@triton.jit
+def _insert(best, thr, keys, cols):
+    """merge_tile's insertion rounds.  keys: [M, N] int32 ordered keys, _NEVER_KEY where invalid.
+
+    The tile stays in int32 keys: a candidate's word (key << 32 | ~col) is formed only for the one
+    entry per row that enters, so the tile never costs the registers of a tile of int64 words.  An
+    entry beats the threshold word (thr_key, thr_col) when key > thr_key, or key == thr_key and
     col < thr_col (ties go to the smaller index).  Each round moves every row's best remaining
     candidate (largest key, then smallest col) into the slot of its current minimum, while some
     row still has a candidate: as many rounds as the busiest row has entries that enter (at most k
-    per tile, and after the first tiles usually none, so most tiles cost one compare per entry).
+    per tile, and after the first tiles usually none).
     """
-    keys = tl.where(invalid, _NEVER_KEY, ordered_keys(value, SMALLER_IS_BETTER))
-    thr = tl.min(best, 1)
     thr_key = (thr >> 32).to(tl.int32)
     thr_col = _LOW_WORD - (thr & _LOW_WORD)
     cand = (keys > thr_key[:, None]) | ((keys == thr_key[:, None]) & (cols[None, :] < thr_col[:, None])
@@ -76,7 +97,7 @@ def merge_tile(best, value, cols, invalid, SMALLER_IS_BETTER: tl.constexpr):
         thr_col = _LOW_WORD - (thr & _LOW_WORD)
         cand = (keys > thr_key[:, None]) | ((keys == thr_key[:, None]) & (cols[None, :] < thr_col[:, None])
                                             & (keys != _NEVER_KEY))
-    return best
+    return best, thr
 
 
 def pack_words_torch(values: torch.Tensor, cols: torch.Tensor, smaller_is_better: bool) -> torch.Tensor:
