@@ -164,20 +164,33 @@ def _pairwise_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  #
 # runs its product on wgmma on sm_90.  BLOCK_M is 64 for the GEMM metrics whatever k (one Hopper
 # warpgroup's wgmma is 64 rows tall: 32-row tiles fall back to mma.sync); js has no product and
 # keeps 32 rows, whose (BLOCK_M, BLOCK_N, BLOCK_D) block of s log s is what its registers hold.
-# Keys: (js, K_PAD > SMALL_K).  The first config of each list is the one used without autotuning;
-# few configs, since each is compiled and timed once per autotune key on the real problem.
+# fp32 operands (3xTF32: three products on hi/lo splits) take BLOCK_D 16 and kl (two products:
+# log c and the zero-support count) BLOCK_D 32: the depths at which sm_80's mma.sync keeps its
+# operands in registers without spilling (at 64 / 32 it spills).
+# Keys: (family, K_PAD > SMALL_K).  The first config of each list is the one used without
+# autotuning; few configs, since each is compiled and timed once per autotune key.
 SMALL_K = 32
 _CONFIGS = {
-    (False, False): [(128, 64, 8, 3), (64, 64, 4, 3)],   # 170 / 172 regs, 1 / 2 blocks per SM
-    (False, True): [(64, 64, 8, 3), (128, 64, 8, 3)],    # 168 / 220 regs at K_PAD 128
-    (True, False): [(32, 8, 4, 2), (64, 4, 4, 2)],
-    (True, True): [(64, 4, 8, 2)],
+    ("gemm", False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("gemm", True): [(64, 64, 8, 3), (128, 64, 8, 3)],
+    ("gemm-kl", False): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    ("gemm-kl", True): [(64, 32, 8, 3), (128, 32, 8, 3)],
+    ("gemm-tf32x3", False): [(64, 16, 8, 3)],
+    ("gemm-tf32x3", True): [(64, 16, 8, 3)],
+    ("js", False): [(64, 4, 4, 2)],
+    ("js", True): [(64, 4, 8, 2)],
 }
 
 
-def _gpu_configs(js: bool, large_k: bool = False) -> list[triton.Config]:
+def _family(metric: Metric, precision: str | None) -> str:
+    if metric.name == "js":
+        return "js"
+    return "gemm-tf32x3" if precision == "tf32x3" else ("gemm-kl" if metric.name == "kl" else "gemm")
+
+
+def _gpu_configs(family: str, large_k: bool = False) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bn, bd, w, st in _CONFIGS[(js, large_k)]]
+            for bn, bd, w, st in _CONFIGS[(family, large_k)]]
 
 
 def _block_m(js: bool) -> int:
@@ -192,23 +205,22 @@ _INTERPRET_META = {"BLOCK_N": 128, "BLOCK_D": 64}
 _INTERPRET_META_JS = {"BLOCK_N": 128, "BLOCK_D": 32}
 
 
-def _tuned(kernel, js: bool, large_k: bool, key: list[str]):
-    return triton.autotune(configs=_gpu_configs(js, large_k), key=key)(kernel) if AUTOTUNE else kernel
+def _tuned(kernel, family: str, large_k: bool, key: list[str]):
+    return triton.autotune(configs=_gpu_configs(family, large_k), key=key)(kernel) if AUTOTUNE else kernel
 
 
 _KNN_KEY = ["d", "METRIC", "K_PAD", "EXCLUDE_SELF"]
-_KNN = {(js, large): _tuned(_knn_kernel, js, large, _KNN_KEY) for js in (False, True) for large in (False, True)}
-_PAIRWISE = {js: _tuned(_pairwise_kernel, js, False, ["d", "METRIC"]) for js in (False, True)}
+_KNN = {key: _tuned(_knn_kernel, *key, _KNN_KEY) for key in _CONFIGS}
+_PAIRWISE = {family: _tuned(_pairwise_kernel, family, False, ["d", "METRIC"]) for family, large in _CONFIGS if not large}
 
 
-def _meta(metric: Metric, large_k: bool = False) -> dict:
+def _meta(metric: Metric, family: str, large_k: bool = False) -> dict:
     """Launch meta-parameters that autotuning does not supply."""
-    js = metric.name == "js"
     if INTERPRET:
-        return dict(_INTERPRET_META_JS if js else _INTERPRET_META)
+        return dict(_INTERPRET_META_JS if family == "js" else _INTERPRET_META)
     if AUTOTUNE:
         return {}
-    cfg = _gpu_configs(js, large_k)[0]
+    cfg = _gpu_configs(family, large_k)[0]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -295,10 +307,11 @@ def knn(q: torch.Tensor, c: torch.Tensor, k: int, metric: Metric, exclude_self: 
         cols_per_split = triton.cdiv(triton.cdiv(n, splits), 256) * 256
         splits = triton.cdiv(n, cols_per_split)
         partial = torch.empty(splits, nq, k, dtype=torch.int64, device=q.device)
-        _KNN[(js, large_k)][(q_blocks, splits)](
+        family = _family(metric, ops.precision)
+        _KNN[(family, large_k)][(q_blocks, splits)](
             *ops.pointers(), partial, nq, n, d, k, cols_per_split, ops.q.stride(0), ops.c.stride(0),
             METRIC=metric.code, SMALLER_IS_BETTER=metric.smaller_is_better, EXCLUDE_SELF=exclude_self,
-            K_PAD=k_pad, BLOCK_M=block_m, PRECISION=ops.precision, **_meta(metric, large_k))
+            K_PAD=k_pad, BLOCK_M=block_m, PRECISION=ops.precision, **_meta(metric, family, large_k))
         words = top_words(partial.permute(1, 0, 2).reshape(nq, splits * k), k)
     return unpack_words(words, metric.smaller_is_better)
 
@@ -309,8 +322,10 @@ def _launch_pairwise(ops: _Operands, out: torch.Tensor, q_rows: slice, c_rows: s
     n = c.shape[0]
     js = ops.metric.name == "js"
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_M"]))  # noqa: E731
-    _PAIRWISE[js][grid](q, c, craw, qterm, cterm, czero, out, nq, n, d, q.stride(0), c.stride(0), out.stride(0),
-                        METRIC=ops.metric.code, BLOCK_M=_block_m(js), PRECISION=ops.precision, **_meta(ops.metric))
+    family = _family(ops.metric, ops.precision)
+    _PAIRWISE[family][grid](q, c, craw, qterm, cterm, czero, out, nq, n, d, q.stride(0), c.stride(0), out.stride(0),
+                            METRIC=ops.metric.code, BLOCK_M=_block_m(js), PRECISION=ops.precision,
+                            **_meta(ops.metric, family))
 
 
 def _knn_two_stage(ops: _Operands, k: int, exclude_self: bool) -> torch.Tensor:
@@ -371,18 +386,19 @@ def static_specs() -> list:
             for k_pad in (16, 32, 64, FUSED_MAX_K):
                 large_k = k_pad > SMALL_K
                 for exclude_self in (False, True):
-                    for cfg in _gpu_configs(js, large_k):
+                    for cfg in _gpu_configs(_family(metric, precision), large_k):
                         const = dict(base, SMALLER_IS_BETTER=metric.smaller_is_better, EXCLUDE_SELF=exclude_self,
                                      K_PAD=k_pad, **cfg.kwargs)
                         sig = ptrs + (("out_ptr", "*i64"),) + tuple(
                             (a, "i32") for a in ("nq", "n", "d", "k", "cols_per_split", "stride_q", "stride_c"))
                         specs.append(KernelSpec(__name__, "_knn_kernel", f"knn {name} {dt} K_PAD={k_pad}"
                                                 + (" exclude_self" if exclude_self else ""), sig,
-                                                tuple(const.items()), cfg.num_warps, cfg.num_stages, not js, _ALIGNED))
-            for cfg in _gpu_configs(js):
+                                                tuple(const.items()), cfg.num_warps, cfg.num_stages, not js, _ALIGNED,
+                                                f"{_family(metric, precision)} large_k={large_k}"))
+            for cfg in _gpu_configs(_family(metric, precision)):
                 sig = ptrs + (("out_ptr", "*fp32"),) + tuple(
                     (a, "i32") for a in ("nq", "n", "d", "stride_q", "stride_c", "stride_out"))
                 specs.append(KernelSpec(__name__, "_pairwise_kernel", f"pairwise {name} {dt}", sig,
                                         tuple(dict(base, **cfg.kwargs).items()), cfg.num_warps, cfg.num_stages,
-                                        not js, _ALIGNED))
+                                        not js, _ALIGNED, _family(metric, precision)))
     return specs

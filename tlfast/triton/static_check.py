@@ -60,6 +60,7 @@ class KernelSpec:
     num_stages: int
     gemm: bool             # a matrix product: must run on tensor cores
     divisible: tuple = ()  # args the launcher passes 16-aligned / divisible by 16
+    config_list: str = ""  # which of the launcher's config lists the config comes from
 
     def key(self) -> str:
         return f"{self.label} | {self.config()}"
@@ -81,21 +82,33 @@ def all_specs() -> list[KernelSpec]:
 _TILE_ARGS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_T", "K_PAD")
 
 
-def covering_specs(specs: list[KernelSpec]) -> list[KernelSpec]:
-    """A subset in which, per kernel, every (launch config, K_PAD) pair and every value of every
-    other specialisation (metric, dtype, exclude_self, ...) occurs at least once: what CI compiles
+def covering_specs(specs: list[KernelSpec], configs_only: bool = False) -> list[KernelSpec]:
+    """A subset in which, per kernel, every config of every config list and every value of every
+    specialisation (metric, dtype, K_PAD, exclude_self, ...) occurs at least once: what CI compiles
     (the full cross product is for a many-core machine; see benchmarks/gpu_check.sh).  Greedy set
-    cover, heaviest first, so each config is compiled at its heaviest specialisation."""
+    cover, heaviest first, so each config is compiled at its heaviest specialisation.
+    ``configs_only``: only every config (at its heaviest metric) and every dtype, what sm_80 gets
+    in CI: its risks (mma.sync operands in registers, the smaller shared memory) follow the tile.
+    """
     def features(s: KernelSpec) -> set:
         c = dict(s.constexprs)
         kind = (s.kernel, s.gemm)  # GEMM and non-GEMM specialisations of one kernel differ most
-        out = {kind + ("config", s.config(), c.get("K_PAD")), kind + ("dtype", s.signature[0][1])}
-        out |= {(s.kernel, k, str(v)) for k, v in c.items() if k not in _TILE_ARGS}
+        out = {kind + ("dtype", s.signature[0][1])}
+        if c.get("METRIC") == heaviest.get(kind + (s.config_list,)):  # each config at its heaviest metric
+            out.add(kind + ("config", s.config(), s.config_list))
+        if configs_only:
+            return out
+        out |= {(s.kernel, k, str(v)) for k, v in c.items() if k not in _TILE_ARGS or k == "K_PAD"}
         if c.get("K_PAD") == max_k_pad:  # every metric with the longest list
             out.add((s.kernel, "METRIC at longest list", c.get("METRIC")))
         return out
 
     max_k_pad = max(dict(s.constexprs).get("K_PAD", 0) for s in specs)
+    heaviest = {}
+    for s in specs:
+        m = dict(s.constexprs).get("METRIC")
+        key = (s.kernel, s.gemm, s.config_list)
+        heaviest[key] = m if m is None else max(m, heaviest.get(key, m))
     def weight(s: KernelSpec):  # longest list, then kl's two products, then fp32's three (tf32x3)
         c = dict(s.constexprs)
         return (-c.get("K_PAD", 0), -c.get("METRIC", 0), s.signature[0][1] != "*fp32")
@@ -136,7 +149,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     names = fn.arg_names
     signature = {a: "constexpr" for a in names}
     signature.update(dict(spec.signature))
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible if a in names}
     src = triton.compiler.ASTSource(fn, signature, dict(spec.constexprs), attrs)
     rec = dict(kernel=spec.kernel, label=spec.label, config=spec.config(), arch=arch,
                num_warps=spec.num_warps, gemm=spec.gemm)
@@ -232,9 +245,11 @@ def _is_source_tree(root: str) -> bool:
     return (Path(root) / "tlfast" / "__init__.py").exists() and (Path(root) / "pyproject.toml").exists()
 
 
-def compile_all(specs: list[KernelSpec], archs=ARCHS, workers: int | None = None) -> list[dict]:
-    """Compile every (spec, arch) in ``workers`` subprocesses; records in the order given."""
-    jobs = [(dataclasses.asdict(s), a) for a in archs for s in specs]
+def compile_all(specs, archs=ARCHS, workers: int | None = None) -> list[dict]:
+    """Compile every (spec, arch) in ``workers`` subprocesses; records in the order given.
+    ``specs``: one list for every arch, or {arch: list}."""
+    per_arch = specs if isinstance(specs, dict) else {a: specs for a in archs}
+    jobs = [(dataclasses.asdict(s), a) for a in archs for s in per_arch[a]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     # Round-robin shards: expensive kernels (long lists, js) are spread over the workers.
     shards = [jobs[i::workers] for i in range(workers)]
@@ -258,13 +273,15 @@ def compile_all(specs: list[KernelSpec], archs=ARCHS, workers: int | None = None
     return out
 
 
-def nvcc_resource_usage(archs=ARCHS, nvcc: str | None = None) -> list[dict]:
+SOURCE_CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+
+
+def nvcc_resource_usage(src_dir: Path = SOURCE_CUDA_DIR, archs=ARCHS, nvcc: str | None = None) -> list[dict]:
     """ptxas figures of every kernel in csrc/cuda, one record per (function, arch), compiled with
     the flags of CMakeLists.txt (-O3 --use_fast_math)."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc not found")
-    src_dir = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
     def one(name):
@@ -276,7 +293,7 @@ def nvcc_resource_usage(archs=ARCHS, nvcc: str | None = None) -> list[dict]:
         return name, r.returncode, r.stdout + r.stderr, time.perf_counter() - t0
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        outputs = list(pool.map(one, CUDA_SOURCES))
+        outputs = list(pool.map(one, [f for f in CUDA_SOURCES if (src_dir / f).exists()]))
     records = []
     for name, rc, text, secs in outputs:
         if rc != 0:
@@ -335,7 +352,7 @@ def markdown(triton_recs: list[dict], cuda_recs: list[dict], meta: dict) -> str:
     lines = ["# Static GPU compile table (no GPU: ahead-of-time compilation)", "",
              f"Generated by `python -m tlfast.triton.static_check` with triton {meta['triton']}, "
              f"nvcc {meta['nvcc']}, on {meta['machine']}; {meta['seconds']:.0f} s; "
-             f"{meta['specs']} specialisations x {len(ARCHS)} targets: {meta['scope']}.",
+             f"{meta['launchable']} launchable specialisations; compiled per target (sm: count) {meta['specs']}: {meta['scope']}.",
              "Registers per thread and spills from ptxas / cuobjdump; shared memory per block (Triton's "
              "launch size); blocks/SM = resident blocks that registers, shared memory and warps allow; "
              "tensor cores = wgmma / mma.sync instructions in the PTX.", "",
@@ -364,21 +381,25 @@ def markdown(triton_recs: list[dict], cuda_recs: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir: Path | None, workers: int | None = None, full: bool = False) -> tuple[list[dict], list[dict], dict]:
+def run(out_dir: Path | None, workers: int | None = None, full: bool = False,
+        cuda_dir: Path = SOURCE_CUDA_DIR, archs=ARCHS) -> tuple[list[dict], list[dict], dict]:
     import triton
     t0 = time.perf_counter()
-    specs = all_specs() if full else covering_specs(all_specs())
+    every = all_specs()
+    specs = {a: every if full else covering_specs(every, configs_only=a < 90) for a in archs}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        nvcc_future = pool.submit(nvcc_resource_usage) if shutil.which("nvcc") else None
-        triton_recs = compile_all(specs, workers=workers)
+        nvcc_future = (pool.submit(nvcc_resource_usage, cuda_dir, archs)
+                       if shutil.which("nvcc") and cuda_dir.is_dir() else None)
+        triton_recs = compile_all(specs, archs, workers=workers)
         cuda_recs = nvcc_future.result() if nvcc_future else []
     nvcc_version = "none"
     if shutil.which("nvcc"):
         nvcc_version = re.search(r"release (\S+),", subprocess.run(["nvcc", "--version"], capture_output=True,
                                                                     text=True).stdout).group(1)
     meta = dict(triton=triton.__version__, nvcc=nvcc_version, machine=machine(), seconds=time.perf_counter() - t0,
-                scope="every launchable specialisation" if full else "covering set (every config x K_PAD and every "
-                "specialisation value per kernel)", specs=len(specs))
+                scope="every launchable specialisation" if full else "covering sets (sm_90: every config and every "
+                "specialisation value per kernel; sm_80: every config and dtype)",
+                specs={a: len(v) for a, v in specs.items()}, launchable=len(every))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write(out_dir / "gpu-static.json", json.dumps(dict(meta=meta, triton=triton_recs, cuda=cuda_recs), indent=1) + "\n")
@@ -398,8 +419,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="directory for gpu-static.md / .json")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--full", action="store_true", help="every launchable specialisation, not the covering set")
+    ap.add_argument("--cuda-dir", type=Path, default=SOURCE_CUDA_DIR, help="the CUDA sources (csrc/cuda)")
+    ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90 or 80,90")
     args = ap.parse_args()
-    triton_recs, cuda_recs, meta = run(args.out, args.workers, args.full)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    triton_recs, cuda_recs, meta = run(args.out, args.workers, args.full, args.cuda_dir, archs)
     print(markdown(triton_recs, cuda_recs, meta))
     failed = [r for r in triton_recs if problems(r)] + [r for r in cuda_recs if "error" in r or r.get("spill_store_bytes")]
     sys.exit(1 if failed else 0)
