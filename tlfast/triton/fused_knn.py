@@ -205,13 +205,20 @@ _INTERPRET_META = {"BLOCK_N": 128, "BLOCK_D": 64}
 _INTERPRET_META_JS = {"BLOCK_N": 128, "BLOCK_D": 32}
 
 
-def _tuned(kernel, family: str, large_k: bool, key: list[str]):
-    return triton.autotune(configs=_gpu_configs(family, large_k), key=key)(kernel) if AUTOTUNE else kernel
+def _pairwise_configs(family: str) -> list[triton.Config]:
+    # The tile writer of the two-stage path and of pairwise(): the first config only (the second
+    # 4-warp kl config spills 32 B on sm_80 here), so its autotuning compiles once.
+    return _gpu_configs(family)[:1]
+
+
+def _tuned(kernel, configs: list[triton.Config], key: list[str]):
+    return triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else kernel
 
 
 _KNN_KEY = ["d", "METRIC", "K_PAD", "EXCLUDE_SELF"]
-_KNN = {key: _tuned(_knn_kernel, *key, _KNN_KEY) for key in _CONFIGS}
-_PAIRWISE = {family: _tuned(_pairwise_kernel, family, False, ["d", "METRIC"]) for family, large in _CONFIGS if not large}
+_KNN = {key: _tuned(_knn_kernel, _gpu_configs(*key), _KNN_KEY) for key in _CONFIGS}
+_PAIRWISE = {family: _tuned(_pairwise_kernel, _pairwise_configs(family), ["d", "METRIC"])
+             for family, large in _CONFIGS if not large}
 
 
 def _meta(metric: Metric, family: str, large_k: bool = False) -> dict:
@@ -395,7 +402,7 @@ def static_specs() -> list:
                                                 + (" exclude_self" if exclude_self else ""), sig,
                                                 tuple(const.items()), cfg.num_warps, cfg.num_stages, not js, _ALIGNED,
                                                 f"{_family(metric, precision)} large_k={large_k}"))
-            for cfg in _gpu_configs(_family(metric, precision)):
+            for cfg in _pairwise_configs(_family(metric, precision)):
                 sig = ptrs + (("out_ptr", "*fp32"),) + tuple(
                     (a, "i32") for a in ("nq", "n", "d", "stride_q", "stride_c", "stride_out"))
                 specs.append(KernelSpec(__name__, "_pairwise_kernel", f"pairwise {name} {dt}", sig,
