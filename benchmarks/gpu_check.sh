@@ -59,8 +59,8 @@ gpu-tests             150  env TLFAST_TRITON_AUTOTUNE=0 $PY -m pytest $REPO/test
 bench-knn             200  $PY $B/bench_gpu.py --out $OUT --budget-s 150
 bench-extract          60  $PY $B/bench_gpu_extract.py --out $OUT
 bench-ot               60  $PY $B/bench_gpu_ot.py --out $OUT
-bench-index            45  $PY $B/bench_gpu_index.py --out $OUT
-bench-distributed      45  $PY $B/bench_gpu_distributed.py --out $OUT
+bench-index            45  $PY $B/bench_gpu_paths.py index --out $OUT
+bench-distributed      45  $PY $B/bench_gpu_paths.py distributed --out $OUT
 EOF
 )
 while read -r name secs cmd; do

@@ -35,7 +35,8 @@ KNOWN_CUDA_SPILLS = {("divergence.cu", "Divergence)3>", 80)}
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-static")
+    # TLFAST_GPU_STATIC_OUT=benchmarks/results keeps this run's table (how the committed one is made).
+    out = Path(os.environ.get("TLFAST_GPU_STATIC_OUT") or tmp_path_factory.mktemp("gpu-static"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "tlfast.triton.static_check", "--out", str(out),
                         "--cuda-dir", str(REPO / "csrc" / "cuda")], env=env, capture_output=True, text=True,
