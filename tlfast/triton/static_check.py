@@ -98,7 +98,7 @@ def covering_specs(specs: list[KernelSpec], configs_only: bool = False) -> list[
             out.add(kind + ("config", s.config(), s.config_list))
         if configs_only:
             return out
-        out |= {(s.kernel, k, str(v)) for k, v in c.items() if k not in _TILE_ARGS or k == "K_PAD"}
+        out |= {kind + (k, str(v)) for k, v in c.items() if k not in _TILE_ARGS or k == "K_PAD"}
         if c.get("K_PAD") == max_k_pad:  # every metric with the longest list
             out.add((s.kernel, "METRIC at longest list", c.get("METRIC")))
         return out
