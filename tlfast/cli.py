@@ -1,4 +1,4 @@
-"""The ``tlfast`` command line: info, extract, knn, match, bench, demo.
+"""The ``tlfast`` command line: info, extract, knn, match, rank, bench, demo.
 
 Every command prints a short summary; results go to files written through a temp file and a
 rename.  Errors are one line on stderr and exit status 2 (1 for a failed benchmark script).
@@ -39,6 +39,10 @@ EXAMPLES = {
   tlfast match source.npy target.npy                        # mutual NN -> matches.csv
   tlfast match src-feats/ tgt-feats/ --ratio 0.8 -o m.npz   # + Lowe's ratio test
   tlfast match a.npy b.npy --metric l2 --no-mutual --threshold 0.5""",
+    "rank": """examples:
+  tlfast rank labels.npy feats-a.npy feats-b/               # precomputed features (.npy / store) by file name
+  tlfast rank labels.npy lite0=feats-a.npy raw=pixels.npy --metric hscore_shrinkage
+  tlfast rank labels.npy efficientnet_lite0 --data images.npy --sample 2000 -o ranking.json""",
     "bench": """examples:
   tlfast bench --quick                 # every ./benchmarks/bench_*.py, small shapes
   tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
@@ -275,6 +279,48 @@ def _cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import tlfast
+    from .transferability import ranking_table
+
+    if args.out and Path(args.out).suffix not in (".json", ".md"):
+        raise CLIError(f"--out {args.out}: write .json or .md")
+    labels = np.load(args.labels, allow_pickle=False)
+    candidates: dict[str, Any] = {}
+    data = None
+    for spec in args.candidates:
+        name, _, where = spec.rpartition("=")
+        path = Path(where)
+        name = name or (path.stem if path.suffix == ".npy" or path.is_dir() else where)
+        if name in candidates:
+            raise CLIError(f"two candidates are named {name!r}; name them NAME=PATH")
+        if path.suffix == ".npy" or path.is_dir():
+            kind = _kind_of(path)
+            if kind == "index":
+                raise CLIError(f"{path} is a saved index; pass the features (.npy or feature store) instead")
+            candidates[name] = (tlfast.FeatureStore(path) if kind == "store"
+                                else np.load(path, mmap_mode="r", allow_pickle=False))
+        else:
+            if args.data is None:
+                raise CLIError(f"candidate {where!r} is a model: pass --data (the inputs to extract)")
+            if data is None:
+                data = _read_extract_input(Path(args.data))
+            candidates[name] = tlfast.Extractor.from_pretrained(where, device=args.device)
+    table = tlfast.rank_sources(candidates, data, labels, metric=args.metric, sample=args.sample,
+                                regression=args.regression, seed=args.seed)
+    md = ranking_table(table, args.metric)
+    if args.out:
+        out = Path(args.out)
+        rows = [r._asdict() for r in table]
+        if out.suffix == ".json":
+            atomic_write(out, lambda f: f.write(json.dumps({"metric": args.metric, "sample": args.sample,
+                                                            "rows": rows}, indent=1).encode()))
+        else:
+            atomic_write(out, lambda f: f.write((md + "\n").encode()))
+    print(md)
+    return 0
+
+
 def _bench_dir(arg: str | None) -> Path:
     if arg is not None:
         candidates = [Path(arg)]
@@ -452,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test, e.g. 0.8")
     s.add_argument("--threshold", type=float, default=None, help="keep scores at least this good")
     s.add_argument("--out", "-o", default="matches.csv", help="result file, .csv or .npz (default matches.csv)")
+
+    s = _sub(sub, "rank", "rank source models / features by transferability to labelled target data", _cmd_rank)
+    s.add_argument("labels", help=".npy of the target labels (or regression targets)")
+    s.add_argument("candidates", nargs="+",
+                   help="[NAME=]PATH of precomputed features (.npy / feature store), or [NAME=]MODEL with --data")
+    s.add_argument("--data", default=None, help="inputs for model candidates (as `tlfast extract` takes)")
+    s.add_argument("--metric", default="logme", choices=["logme", "hscore", "hscore_shrinkage", "transrate"])
+    s.add_argument("--sample", type=int, default=None, help="score a random sample of this many rows")
+    s.add_argument("--regression", action="store_true", help="labels are real targets (logme only)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    s.add_argument("--device", default="cpu", help="device for model candidates")
+    s.add_argument("--out", "-o", default=None, help="also write the table to .json or .md")
 
     s = _sub(sub, "bench", "run the benchmark scripts -> bench.json, bench.md, bench.png", _cmd_bench)
     s.add_argument("suites", nargs="*", help="which benchmarks/bench_SUITE.py to run (default: all)")
