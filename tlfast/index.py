@@ -343,7 +343,7 @@ class Index:
             yield _ready(pending, compute)
 
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None,
-               precision: str = "exact", **search_params: Any) -> KnnResult:
+               precision: str = "exact", target_recall: float | None = None, **search_params: Any) -> KnnResult:
         """The ``k`` best stored vectors for each query, as ``KnnResult(values, indices)`` where
         ``indices`` are the ids given to ``add`` (-1 where an approximate index found fewer than k).
 
@@ -357,8 +357,16 @@ class Index:
                 as it goes; on GPU, host->device copies overlap with compute) and the per-block top-k
                 merged.  Results equal a search without a budget.
             precision: exact search only: "exact", "bf16" or "fp16", as in ``tlfast.knn``.
+            target_recall: approximate kinds: search with the cheapest setting that reaches this
+                recall@k (see :meth:`tune`; tuned once per (target, k) on a sample of the corpus and
+                remembered, not stored).  Exact search meets any target and ignores it.
             **search_params: approximate kinds only (e.g. ``nprobe``, ``ef_search``).
         """
+        if target_recall is not None and self.kind != "flat":
+            if search_params:
+                raise ValueError(f"pass target_recall or {sorted(search_params)}, not both: target_recall "
+                                 f"chooses them")
+            search_params = self._params_for_recall(target_recall, k)
         if self._count == 0:
             raise ValueError("the index is empty; add vectors with index.add(x) before searching")
         q, is_numpy = as_tensor(queries, "queries")
@@ -413,6 +421,42 @@ class Index:
             best = (values, pos) if best is None and kb == k else _merge_topk(best, values, pos, k,
                                                                                self.metric.larger_is_better)
         return best
+
+    # ------------------------------------------------------------------ recall tuning
+    def tune(self, target_recall: float = 0.95, queries: Any = None, *, k: int = 10, sample: int = 1000,
+             confidence: float = 0.95, seed: int = 0) -> Any:
+        """Choose the fastest search setting (``nprobe`` for ivf, ``ef_search`` for hnsw) whose
+        recall@k reaches ``target_recall`` with ``confidence``, store it (``save`` persists it) and
+        return a ``tlfast.ann.TuneReport``: params, estimated recall with its Wilson interval,
+        speed-up over exact search.
+
+        Recall is measured against tlfast's exact search on ``queries`` (at most ``sample`` of
+        them) or, when None, on ``sample`` corpus rows searched with exclude_self.  Use queries
+        like the ones the index will serve when their distribution differs from the corpus's.
+        """
+        if self.kind == "flat":
+            raise ValueError("a flat index searches exactly (recall 1): there is nothing to tune; "
+                             "tune approximate kinds such as kind='ivf' or 'hnsw'")
+        if self._ann is None or len(self) == 0:
+            raise ValueError("the index is empty; add vectors before tuning")
+        q = None
+        if queries is not None:
+            t = self._prepare(queries, "queries")
+            q = t.to("cpu", torch.float32).contiguous().numpy()
+        report = self._ann_module().tune(self._ann, target_recall, q, k=k, sample=sample, confidence=confidence,
+                                         seed=seed)
+        self.params.update(report.params)
+        return report
+
+    def _params_for_recall(self, target_recall: float, k: int) -> dict:
+        cache = self.__dict__.setdefault("_recall_params", {})
+        key = (float(target_recall), int(k) if isinstance(k, (int, np.integer)) else k, len(self))
+        if key not in cache:
+            if self._ann is None:
+                raise ValueError("the index is empty; add vectors with index.add(x) before searching")
+            report = self._ann_module().tune(self._ann, target_recall, None, k=k, store=False, timing_runs=0)
+            cache[key] = report.params
+        return dict(cache[key])
 
     # ------------------------------------------------------------------ persistence
     def _manifest(self, files: dict[str, dict]) -> dict:
