@@ -46,4 +46,5 @@ if [ "$left" -gt 60 ]; then
 else
   echo "no time left for the benchmarks"
 fi
+timeout 80 "$PY" "$REPO/benchmarks/bench_gpu_extract.py" --out "$OUT" --n 4096; echo "bench_gpu_extract exit $?"
 echo "== done in $(elapsed) s"

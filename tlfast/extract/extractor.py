@@ -124,7 +124,9 @@ class Extractor:
         if dtype is not None and precision != "auto":
             raise ValueError(f"pass precision= or dtype= (autocast), not both; got precision={precision!r}, "
                              f"dtype={dtype}")
-        precision = "fp32" if dtype is not None else prec.resolve_precision(precision, device)
+        kind = "image" if _ALIASES.get(os.fspath(name_or_path), os.fspath(name_or_path)) == "efficientnet_lite0" \
+            else "text"
+        precision = "fp32" if dtype is not None else prec.resolve_precision(precision, device, kind)
         backend = "torch" if dtype is not None or compile else _auto_backend(backend, precision, device)
         if backend == "onnxruntime" and precision in ("bf16", "fp16"):
             raise ValueError(f"precision={precision!r} runs on the torch backend; ONNX Runtime runs fp32 or int8")
@@ -396,6 +398,10 @@ class Extractor:
             images = batch["images"]
             if self.session is not None:
                 pixels = ops.image_preprocess(images, self.mean, self.std).numpy()
+                want = self.session.get_inputs()[0].shape[2:]
+                if all(isinstance(d, int) for d in want) and tuple(want) != pixels.shape[2:]:
+                    raise ValueError(f"the ONNX image graph takes {tuple(want)} pixels but image_size gives "
+                                     f"{pixels.shape[2:]}; use backend='torch' for other sizes")
                 return torch.from_numpy(self.session.run(None, {self._session_inputs[0]: pixels})[0])
             images = images.to(self.device, non_blocking=True)
             pixels = self.preprocess(images) if self.preprocess is not None else \
@@ -475,11 +481,11 @@ def _onnx_precision(path: Path, precision: str) -> Path:
         return path
     reduce_range = prec.capability().cpu_int8 in ("avx2", "none")
     if path.parent == onnx_io.cache_dir():
-        target = path.with_suffix(f".int8{'r' if reduce_range else ''}.onnx")
+        target = path.with_suffix(f".int8-{onnx_io.INT8_RECIPE}{'-r7' if reduce_range else ''}.onnx")
     else:
         stat = path.stat()
         target = onnx_io.cache_dir() / onnx_io.cache_key(model=str(path.resolve()), size=stat.st_size,
-                                                          mtime=stat.st_mtime_ns, int8=True,
+                                                          mtime=stat.st_mtime_ns, int8=onnx_io.INT8_RECIPE,
                                                           reduce_range=reduce_range)
         target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():

@@ -19,6 +19,8 @@ from ._deps import require
 from .precision import usable_cores
 
 OPSET = 18
+# Names the int8 recipe in cached file names (a change of recipe must not reuse old files).
+INT8_RECIPE = "gelu-fp32"
 
 
 def cache_dir() -> Path:
@@ -150,9 +152,18 @@ def optimize_text(raw: str | os.PathLike, path: str | os.PathLike, *, num_heads:
 def quantize_int8(src: str | os.PathLike, path: str | os.PathLike, *, reduce_range: bool) -> Path:
     """ONNX Runtime dynamic int8 quantisation: MatMul weights per output channel, activations per
     batch at run time.  ``reduce_range`` (7-bit weights) avoids the u8 x s8 16-bit saturation of
-    AVX2's ``vpmaddubsw`` on CPUs without VNNI."""
+    AVX2's ``vpmaddubsw`` on CPUs without VNNI.
+
+    The MatMuls fed by a GELU stay float32: GELU outputs are one-sided with long tails, so one
+    per-batch uint8 scale wastes most of its range on them.  Measured on MiniLM and the quality
+    text set: quantising everything gives mean cosine 0.987 / top-10 overlap 0.91 to fp32 (below
+    the int8 class); keeping those 6 of 24 MatMuls in fp32 gives 0.994 / 0.95."""
     quant = require("onnxruntime.quantization", "int8 quantisation")
+    onnx = require("onnx", "int8 quantisation")
     path = Path(path)
+    graph = onnx.load(os.fspath(src)).graph
+    gelu_outputs = {o for n in graph.node if n.op_type in ("Gelu", "BiasGelu", "FastGelu") for o in n.output}
+    keep_fp32 = [n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & gelu_outputs]
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
@@ -160,6 +171,7 @@ def quantize_int8(src: str | os.PathLike, path: str | os.PathLike, *, reduce_ran
             warnings.simplefilter("ignore")
             quant.quantize_dynamic(os.fspath(src), tmp, per_channel=True, reduce_range=reduce_range,
                                    weight_type=quant.QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"],
+                                   nodes_to_exclude=keep_fp32,
                                    # the fused contrib ops (Attention, SkipLayerNorm) have no ONNX shape
                                    # inference: their outputs are float32
                                    extra_options={"DefaultTensorType": 1})
