@@ -13,12 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import _persist
 
 EXAMPLES = {
     "info": """examples:
@@ -66,26 +67,20 @@ class CLIError(Exception):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _umasked(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+# Result files: temp file + rename (readers see the old file or the whole new one); a device node
+# such as /dev/null is written into, never replaced.  One implementation for all of tlfast.
+atomic_write = _persist.write_file
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it over ``path``: readers
-    see the old file or the whole new one.  The file gets the usual permissions (0666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _umasked(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _check_output(out: Path, *inputs: Path) -> None:
+    """An output path must be neither an input nor inside an input folder (a store or index being
+    read): writing there would destroy what the command reads."""
+    target = Path(os.path.realpath(out))
+    for src in inputs:
+        real = Path(os.path.realpath(src))
+        if target == real or real in target.parents:
+            raise CLIError(f"output {out} is {'the input' if target == real else 'inside the input'} {src}; "
+                           f"write the result elsewhere")
 
 
 def _kind_of(path: Path) -> str:
@@ -239,6 +234,7 @@ def _read_extract_input(path: Path) -> Any:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import tlfast
 
+    _check_output(Path(args.out), Path(args.input))
     data = _read_extract_input(Path(args.input))
     t = time.perf_counter()
     extractor = tlfast.Extractor.from_pretrained(args.model, backend=args.backend, device=args.device)
@@ -251,6 +247,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
+    _check_output(Path(args.out), Path(args.queries), Path(args.corpus))
     queries = _load_matrix(Path(args.queries), "queries")
     index = _open_corpus(Path(args.corpus), args.metric)
     t = time.perf_counter()
@@ -267,6 +264,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 def _cmd_match(args: argparse.Namespace) -> int:
     import tlfast
 
+    _check_output(Path(args.out), Path(args.source), Path(args.target))
     src, tgt = _load_matrix(Path(args.source), "source"), _load_matrix(Path(args.target), "target")
     t = time.perf_counter()
     m = tlfast.match(src, tgt, args.metric, mutual=not args.no_mutual, ratio=args.ratio, threshold=args.threshold,
