@@ -1,7 +1,8 @@
-"""The ``tlfast`` command line: info, extract, knn, match, bench, demo.
+"""The ``tlfast`` command line: info, extract, knn, match, rank, bench, demo.
 
 Every command prints a short summary; results go to files written through a temp file and a
-rename.  Errors are one line on stderr and exit status 2 (1 for a failed benchmark script).
+rename.  Errors are one line on stderr and exit status 2 (1 for a regression found by
+``bench compare``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,10 +39,10 @@ EXAMPLES = {
   tlfast match source.npy target.npy                        # mutual NN -> matches.csv
   tlfast match src-feats/ tgt-feats/ --ratio 0.8 -o m.npz   # + Lowe's ratio test
   tlfast match a.npy b.npy --metric l2 --no-mutual --threshold 0.5""",
-    "bench": """examples:
-  tlfast bench --quick                 # every ./benchmarks/bench_*.py, small shapes
-  tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
-  tlfast bench --dir path/to/benchmarks""",
+    "rank": """examples:
+  tlfast rank labels.npy feats-a.npy feats-b/               # precomputed features (.npy / store) by file name
+  tlfast rank labels.npy lite0=feats-a.npy raw=pixels.npy --metric hscore_shrinkage
+  tlfast rank labels.npy efficientnet_lite0 --data images.npy --sample 2000 -o ranking.json""",
     "demo": """examples:
   tlfast demo                          # -> ./tlfast-demo-out/{demo.png,report.md,results.json}
   tlfast demo --out /tmp/demo
@@ -284,120 +284,45 @@ def _cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_dir(arg: str | None) -> Path:
-    if arg is not None:
-        candidates = [Path(arg)]
-    else:  # the checkout we run in, or the one the package was imported from (an in-place build)
-        candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise CLIError(f"no benchmarks folder at {' or '.join(map(str, candidates))}; run from a source checkout "
-                   f"or pass --dir")
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import tlfast
+    from .transferability import ranking_table
 
-
-def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
-    """Rows of the JSON files a benchmark script wrote during this run: into the folder ``out``, or
-    beside it as ``out.json`` (scripts whose --out is a path prefix)."""
-    rows = []
-    for f in sorted([*out.glob("*.json"), *out.parent.glob(f"{out.name}*.json")]):
-        if f.stat().st_mtime < started:
-            continue
-        data = json.loads(f.read_text())
-        for row in data.get("rows", data if isinstance(data, list) else []):
-            if isinstance(row, dict):
-                rows.append({"suite": suite, "file": f.name, **row})
-    return rows
-
-
-def _contender(row: dict) -> str:
-    """The row's contender, with the settings that tell rows of one backend apart (ANN sweeps)."""
-    name = str(row.get("backend") or row.get("contender") or row.get("name") or "?")
-    settings = [f"{k}={row[k]}" for k in ("kind", "nlist", "nprobe", "ef_search") if row.get(k) is not None]
-    return " ".join([name, *settings])
-
-
-def _bench_markdown(rows: list[dict]) -> str:
-    lines = ["| suite | case | contender | median s | vs slowest in case | recall@10 |", "|---|---|---|---|---|---|"]
-    slowest: dict[tuple, float] = {}
-    for r in rows:
-        if isinstance(r.get("median_s"), (int, float)):
-            key = (r["suite"], str(r.get("case")))
-            slowest[key] = max(slowest.get(key, 0.0), r["median_s"])
-    for r in rows:
-        key = (r["suite"], str(r.get("case")))
-        if isinstance(r.get("median_s"), (int, float)):
-            speed = f"{slowest[key] / r['median_s']:.1f}x" if r["median_s"] > 0 else "-"
-            recall = f"{r['recall_at_10']:.3f}" if isinstance(r.get("recall_at_10"), (int, float)) else ""
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | {r['median_s']:.4g} | {speed} | "
-                         f"{recall} |")
+    if args.out and Path(args.out).suffix not in (".json", ".md"):
+        raise CLIError(f"--out {args.out}: write .json or .md")
+    labels = np.load(args.labels, allow_pickle=False)
+    candidates: dict[str, Any] = {}
+    data = None
+    for spec in args.candidates:
+        name, _, where = spec.rpartition("=")
+        path = Path(where)
+        name = name or (path.stem if path.suffix == ".npy" or path.is_dir() else where)
+        if name in candidates:
+            raise CLIError(f"two candidates are named {name!r}; name them NAME=PATH")
+        if path.suffix == ".npy" or path.is_dir():
+            kind = _kind_of(path)
+            if kind == "index":
+                raise CLIError(f"{path} is a saved index; pass the features (.npy or feature store) instead")
+            candidates[name] = (tlfast.FeatureStore(path) if kind == "store"
+                                else np.load(path, mmap_mode="r", allow_pickle=False))
         else:
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | error: {r.get('error', '?')} | | |")
-    return "\n".join(lines)
-
-
-def _bench_chart(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if isinstance(r.get("median_s"), (int, float)) and r["median_s"] > 0]
-    labels = [f"{r['suite']}/{r.get('case')}: {_contender(r)}" for r in timed]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(timed) + 1.5))
-    ax.barh(range(len(timed)), [r["median_s"] for r in timed], color="tab:blue")
-    ax.set_yticks(range(len(timed)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("median seconds (log scale; shorter is faster)")
-    ax.set_title("tlfast bench")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    bench_dir = _bench_dir(args.dir)
-    available = {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
-    if not available:
-        raise CLIError(f"{bench_dir} has no bench_*.py scripts")
-    suites = args.suites or list(available)
-    unknown = [s for s in suites if s not in available]
-    if unknown:
-        raise CLIError(f"unknown suite(s) {unknown}; available: {', '.join(available)}")
-    out = Path(args.out)
-    rows: list[dict] = []
-    failed = []
-    for suite in suites:
-        raw = out / suite
-        raw.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(available[suite]), "--out", str(raw)] + (["--quick"] if args.quick else [])
-        print(f"running {' '.join(cmd)}", flush=True)
-        started = time.time() - 1
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            failed.append(f"{suite} (timed out after {args.timeout} s)")
-            continue
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]
-            failed.append(f"{suite} (exit {proc.returncode}: {last})")
-            continue
-        got = _bench_rows(raw, suite, started)
-        if not got:
-            failed.append(f"{suite} (wrote no JSON rows to {raw})")
-        rows.extend(got)
-    md = "# tlfast bench\n\n" + (_bench_markdown(rows) if rows else "no results") + "\n"
-    if failed:
-        md += "\nfailed: " + "; ".join(failed) + "\n"
-    atomic_write(out / "bench.json", lambda f: f.write(json.dumps({"rows": rows, "failed": failed}, indent=1).encode()))
-    atomic_write(out / "bench.md", lambda f: f.write(md.encode()))
-    if rows:
-        _bench_chart(out / "bench.png", rows)
+            if args.data is None:
+                raise CLIError(f"candidate {where!r} is a model: pass --data (the inputs to extract)")
+            if data is None:
+                data = _read_extract_input(Path(args.data))
+            candidates[name] = tlfast.Extractor.from_pretrained(where, device=args.device)
+    table = tlfast.rank_sources(candidates, data, labels, metric=args.metric, sample=args.sample,
+                                regression=args.regression, seed=args.seed)
+    md = ranking_table(table, args.metric)
+    if args.out:
+        out = Path(args.out)
+        rows = [r._asdict() for r in table]
+        if out.suffix == ".json":
+            atomic_write(out, lambda f: f.write(json.dumps({"metric": args.metric, "sample": args.sample,
+                                                            "rows": rows}, indent=1).encode()))
+        else:
+            atomic_write(out, lambda f: f.write((md + "\n").encode()))
     print(md)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if rows else ""))
-    if failed:
-        raise CLIError("benchmark(s) failed: " + "; ".join(failed), code=1)
     return 0
 
 
@@ -462,12 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=None, help="keep scores at least this good")
     s.add_argument("--out", "-o", default="matches.csv", help="result file, .csv or .npz (default matches.csv)")
 
-    s = _sub(sub, "bench", "run the benchmark scripts -> bench.json, bench.md, bench.png", _cmd_bench)
-    s.add_argument("suites", nargs="*", help="which benchmarks/bench_SUITE.py to run (default: all)")
-    s.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    s.add_argument("--out", default="tlfast-bench-out", help="output folder (default ./tlfast-bench-out)")
-    s.add_argument("--dir", default=None, help="folder of bench_*.py scripts (default: the checkout's benchmarks/)")
-    s.add_argument("--timeout", type=float, default=3600, help="seconds per script (default 3600)")
+    s = _sub(sub, "rank", "rank source models / features by transferability to labelled target data", _cmd_rank)
+    s.add_argument("labels", help=".npy of the target labels (or regression targets)")
+    s.add_argument("candidates", nargs="+",
+                   help="[NAME=]PATH of precomputed features (.npy / feature store), or [NAME=]MODEL with --data")
+    s.add_argument("--data", default=None, help="inputs for model candidates (as `tlfast extract` takes)")
+    s.add_argument("--metric", default="logme", choices=["logme", "hscore", "hscore_shrinkage", "transrate"])
+    s.add_argument("--sample", type=int, default=None, help="score a random sample of this many rows")
+    s.add_argument("--regression", action="store_true", help="labels are real targets (logme only)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    s.add_argument("--device", default="cpu", help="device for model candidates")
+    s.add_argument("--out", "-o", default=None, help="also write the table to .json or .md")
+
+    from .bench.cli import add_parser as _add_bench_parser
+
+    _add_bench_parser(sub, argparse.RawDescriptionHelpFormatter)
 
     s = _sub(sub, "demo", "transfer learning on built-in data: digits -> shifted digits, report + PNG", _cmd_demo)
     s.add_argument("--out", default="tlfast-demo-out", help="output folder (default ./tlfast-demo-out)")
