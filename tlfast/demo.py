@@ -80,7 +80,8 @@ def _backbone() -> tuple[Any, str | None]:
     try:
         # normalize=False: CORAL works on the features' own covariance; unit-normalised rows would
         # leave (Cov + I) ~ I and the alignment close to a mean shift.
-        ex = Extractor.from_pretrained("efficientnet_lite0", normalize=False)
+        # backend="torch": the demo resizes to IMAGE_SIZE, and an ONNX image graph has a fixed size.
+        ex = Extractor.from_pretrained("efficientnet_lite0", backend="torch", normalize=False)
     except ImportError as exc:
         return None, str(exc)
     ex.image_size = IMAGE_SIZE

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import batching, inputs, models, ops
 from . import onnx as onnx_io
+from . import precision as prec
 from ._deps import require
 
 __all__ = ["Extractor", "PRETRAINED"]
@@ -35,6 +36,10 @@ _ALIASES = {"all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm",
 _IMAGE_BATCH = 32
 _TEXT_BATCH = 256
 _TEXT_TOKENS = 2048
+# torch's dynamic int8 (fbgemm, AVX2) measured mean cos 0.88 / top-10 overlap 0.82 to fp32 on the
+# quality text set, ONNX Runtime's 0.99+: int8 is ONNX Runtime's only.
+_TORCH_INT8 = ("precision='int8' runs on ONNX Runtime (its dynamic quantisation keeps the int8 quality "
+               "class; torch's does not)")
 # "More than a few batches": below this a progress bar is noise.
 _PROGRESS_MIN_BATCHES = 5
 
@@ -56,7 +61,7 @@ class Extractor:
                  max_length: int = 256, image_size: int | None = None,
                  mean: Sequence[float] = ops.IMAGENET_MEAN, std: Sequence[float] = ops.IMAGENET_STD,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None, normalize: bool = True,
-                 pooling: str = "mean", dim: int | None = None):
+                 pooling: str = "mean", dim: int | None = None, precision: str = "fp32"):
         self.name = name
         self.kind = kind  # "text", "image", or "module" (decided per call from the data)
         self.encoder = encoder
@@ -71,6 +76,7 @@ class Extractor:
         self.normalize = normalize
         self.pooling = pooling
         self.dim = dim
+        self.precision = precision  # concrete: fp32, bf16, fp16 or int8
         self._session_inputs = [i.name for i in session.get_inputs()] if session is not None else []
 
     @property
@@ -79,32 +85,53 @@ class Extractor:
 
     def __repr__(self) -> str:
         return (f"Extractor(name={self.name!r}, kind={self.kind!r}, backend={self.backend!r}, "
-                f"device={str(self.device)!r}, dim={self.dim})")
+                f"device={str(self.device)!r}, precision={self.precision!r}, dim={self.dim}, "
+                f"hardware={prec.capability().summary()!r})")
 
     # -----------------------------------------------------------------------------------------
     # constructors
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, backend: str = "torch", device: str = "cpu",
-                        dtype: torch.dtype | None = None, pooling: str = "mean", normalize: bool = True,
-                        max_length: int = 256, compile: bool = False) -> Extractor:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, backend: str = "auto", device: str = "cpu",
+                        precision: str = "auto", dtype: torch.dtype | None = None, pooling: str = "mean",
+                        normalize: bool = True, max_length: int = 256, compile: bool = False) -> Extractor:
         """A pretrained backbone by name (see ``PRETRAINED``) or a local Hugging Face encoder folder.
 
         ``"minilm"``: all-MiniLM-L6-v2 (mean pooling, 384-d; equal to sentence-transformers'
         embeddings).  ``"efficientnet_lite0"``: ImageNet EfficientNet-Lite0, the 1280-d pooled
         features before the classifier; images are resized (shorter side 256) and centre-cropped
         to 224.  ``backend="onnxruntime"`` exports the model once (cached under
-        ``$TLFAST_CACHE_DIR``, default ~/.cache/tlfast) and runs it in ONNX Runtime.
-        ``dtype=torch.float16 / bfloat16`` runs the torch backend under autocast;
-        ``compile=True`` wraps it in ``torch.compile(dynamic=True)``.
+        ``$TLFAST_CACHE_DIR``, default ~/.cache/tlfast; text encoders with ONNX Runtime's
+        transformer fusions) and runs it in ONNX Runtime; ``"auto"`` picks the runtime measured
+        fastest on this CPU class for the precision (see :mod:`tlfast.extract.precision`).
+
+        ``precision``: ``"auto"`` (bf16 weights where the CPU or GPU has native bf16 matrix
+        instructions, fp16 on GPUs without bf16, fp32 elsewhere -- never emulated bf16),
+        ``"fp32"``, ``"bf16"`` / ``"fp16"`` (the weights cast; torch backend), ``"int8"`` (ONNX
+        Runtime dynamic quantisation, per-channel weights, cached beside the export).  See
+        :mod:`tlfast.extract.quality` for the measured quality classes.
+        ``dtype=torch.float16 / bfloat16`` (older API) keeps fp32 weights and runs the torch
+        backend under autocast; ``compile=True`` wraps it in ``torch.compile(dynamic=True)``.
         """
-        if backend not in ("torch", "onnxruntime"):
-            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        if backend not in ("auto", "torch", "onnxruntime"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'onnxruntime', got {backend!r}")
+        prec.check_precision(precision)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         device = _check_device(device)
         if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+        if dtype is not None and precision != "auto":
+            raise ValueError(f"pass precision= or dtype= (autocast), not both; got precision={precision!r}, "
+                             f"dtype={dtype}")
+        kind = "image" if _ALIASES.get(os.fspath(name_or_path), os.fspath(name_or_path)) == "efficientnet_lite0" \
+            else "text"
+        precision = "fp32" if dtype is not None else prec.resolve_precision(precision, device, kind)
+        backend = "torch" if dtype is not None or compile else _auto_backend(backend, precision, device)
+        if backend == "onnxruntime" and precision in ("bf16", "fp16"):
+            raise ValueError(f"precision={precision!r} runs on the torch backend; ONNX Runtime runs fp32 or int8")
+        if backend == "torch" and precision == "int8":
+            raise ValueError(_TORCH_INT8)
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         key = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
@@ -128,6 +155,7 @@ class Extractor:
             ext = cls(name=key, kind="text", encoder=encoder, tokenizer=tokenizer, device=device, dtype=dtype,
                       max_length=max_length, normalize=normalize, pooling=pooling,
                       dim=int(model.config.hidden_size))
+        ext.precision = precision
         if backend == "onnxruntime":
             weights = models.weights_file(key)
             stat = weights.stat() if weights.exists() else None
@@ -136,11 +164,18 @@ class Extractor:
                 kind=ext.kind, pooling=pooling, normalize=normalize)
             if not path.exists():
                 ext.export_onnx(path)
-            ext.session = onnx_io.session(path, device.type)
+            if ext.kind == "text" and onnx_io._hf_bert(ext.encoder) is not None:
+                config = ext.encoder.model.config
+                fused = path.with_suffix(".fused.onnx")
+                if not fused.exists():
+                    onnx_io.optimize_text(path, fused, num_heads=int(config.num_attention_heads),
+                                          hidden_size=int(config.hidden_size))
+                path = fused
+            ext.session = onnx_io.session(_onnx_precision(path, precision), device.type)
             ext._session_inputs = [i.name for i in ext.session.get_inputs()]
             ext.encoder = None
             return ext
-        ext.encoder = ext.encoder.to(device)
+        ext.encoder = _cast(ext.encoder, precision, device)
         if compile:
             ext.encoder = torch.compile(ext.encoder, dynamic=True)
         return ext
@@ -149,7 +184,7 @@ class Extractor:
     def from_module(cls, module: nn.Module, *, preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     layer: str | None = None, tokenizer: Any = None, image_size: int | None = None,
                     normalize: bool = True, device: str | None = None, dtype: torch.dtype | None = None,
-                    max_length: int = 256, name: str | None = None) -> Extractor:
+                    precision: str = "auto", max_length: int = 256, name: str | None = None) -> Extractor:
         """Any ``nn.Module`` as an extractor: a CNN, an RNN/GRU over token embeddings, a transformer.
 
         Data decides the input kind per call: images (as in :meth:`extract`) are turned into float
@@ -160,8 +195,11 @@ class Extractor:
         forward takes ``attention_mask``).  ``layer`` takes the named submodule's output instead
         of the module's (the layers after it are skipped).  Outputs are pooled to (n, dim): 4-D
         maps by spatial mean, sequences by masked mean over time; then L2-normalised if
-        ``normalize``.
+        ``normalize``.  ``precision`` as in :meth:`from_pretrained` (the module is copied before its
+        weights are cast; the caller's module is never changed); for ``int8`` export it
+        (:meth:`export_onnx`) and use ``from_onnx(path, precision="int8")``.
         """
+        prec.check_precision(precision)
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if preprocess is not None and not callable(preprocess):
@@ -169,25 +207,40 @@ class Extractor:
         if device is None:
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         device = _check_device(device)
-        encoder = models.ModuleEncoder(module.eval(), layer, normalize).to(device)
+        if dtype is not None and precision != "auto":
+            raise ValueError(f"pass precision= or dtype= (autocast), not both; got precision={precision!r}, "
+                             f"dtype={dtype}")
+        precision = "fp32" if dtype is not None else prec.resolve_precision(precision, device)
+        if precision == "int8":
+            raise ValueError(_TORCH_INT8 + "; for a module: export_onnx(path), then from_onnx(path, precision='int8')")
+        if precision != "fp32":
+            module = copy.deepcopy(module)  # casting in place would change the caller's module
+        encoder = _cast(models.ModuleEncoder(module.eval(), layer, normalize), precision, device)
         return cls(name=name or type(module).__name__, kind="module", encoder=encoder, tokenizer=tokenizer,
                    device=device, dtype=dtype, max_length=max_length, image_size=image_size,
-                   preprocess=preprocess, normalize=normalize)
+                   preprocess=preprocess, normalize=normalize, precision=precision)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, tokenizer: Any = None, *, device: str = "cpu",
-                  max_length: int = 256, image_size: int | None = None,
+                  precision: str = "auto", max_length: int = 256, image_size: int | None = None,
                   mean: Sequence[float] = ops.IMAGENET_MEAN, std: Sequence[float] = ops.IMAGENET_STD) -> Extractor:
         """An exported model (see :meth:`export_onnx`) run by ONNX Runtime.
 
         With ``tokenizer`` (a transformers tokenizer or a local folder holding one) the graph must
         take token inputs the tokenizer produces (``input_ids``, ``attention_mask``,
         ``token_type_ids``); without one it must take a single (batch, 3, H, W) float image input.
+        ``precision``: ``"auto"`` / ``"fp32"`` run the file as it is; ``"int8"`` runs its
+        dynamically quantised copy (made once, cached under ``$TLFAST_CACHE_DIR``).
         """
+        prec.check_precision(precision)
+        if precision in ("bf16", "fp16"):
+            raise ValueError(f"precision={precision!r}: ONNX Runtime runs fp32 or int8 graphs; use from_pretrained "
+                             f"or from_module for bf16 / fp16 weights in torch")
         if not os.path.isfile(path):
             raise ValueError(f"no ONNX file at {os.fspath(path)!r}")
         device = _check_device(device)
-        sess = onnx_io.session(path, device.type)
+        precision = "int8" if precision == "int8" else "fp32"
+        sess = onnx_io.session(_onnx_precision(Path(path), precision), device.type)
         graph_inputs = sess.get_inputs()
         names = [i.name for i in graph_inputs]
         dim = sess.get_outputs()[0].shape[-1]
@@ -202,7 +255,7 @@ class Extractor:
                                  f"{sorted(accepted)}; export the model with this tokenizer's encoder "
                                  f"(Extractor.export_onnx) or pass the matching tokenizer")
             return cls(name=Path(path).stem, kind="text", session=sess, tokenizer=tokenizer, device=device,
-                       max_length=max_length, dim=dim)
+                       max_length=max_length, dim=dim, precision=precision)
         shape = graph_inputs[0].shape
         if len(graph_inputs) != 1 or len(shape) != 4:
             raise ValueError(f"the ONNX model takes inputs {names} with shapes {[i.shape for i in graph_inputs]}: "
@@ -210,7 +263,7 @@ class Extractor:
         if image_size is None and isinstance(shape[2], int) and shape[2] == shape[3]:
             image_size = shape[2]
         return cls(name=Path(path).stem, kind="image", session=sess, device=device, image_size=image_size,
-                   mean=mean, std=std, dim=dim)
+                   mean=mean, std=std, dim=dim, precision=precision)
 
     # -----------------------------------------------------------------------------------------
     # export
@@ -227,7 +280,8 @@ class Extractor:
                                  "image_size= (image inputs) given to from_module")
             kind = "text" if self.tokenizer is not None else "image"
         # The graph is traced on CPU in float32; a GPU extractor exports a CPU copy.
-        module = encoder if self.device.type == "cpu" else copy.deepcopy(encoder).cpu().float()
+        module = encoder if self.device.type == "cpu" and self.precision == "fp32" else \
+            copy.deepcopy(encoder).cpu().float()
         return onnx_io.export(module, kind, path, image_size=self.image_size)
 
     # -----------------------------------------------------------------------------------------
@@ -348,6 +402,10 @@ class Extractor:
             images = batch["images"]
             if self.session is not None:
                 pixels = ops.image_preprocess(images, self.mean, self.std).numpy()
+                want = self.session.get_inputs()[0].shape[2:]
+                if all(isinstance(d, int) for d in want) and tuple(want) != pixels.shape[2:]:
+                    raise ValueError(f"the ONNX image graph takes {tuple(want)} pixels but image_size gives "
+                                     f"{pixels.shape[2:]}; use backend='torch' for other sizes")
                 return torch.from_numpy(self.session.run(None, {self._session_inputs[0]: pixels})[0])
             images = images.to(self.device, non_blocking=True)
             pixels = self.preprocess(images) if self.preprocess is not None else \
@@ -360,6 +418,9 @@ class Extractor:
         return self._forward(ids, mask)
 
     def _forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.precision in ("bf16", "fp16") and args[0].is_floating_point():
+            args = (args[0].to(prec.TORCH_DTYPE[self.precision], memory_format=torch.channels_last)
+                    if args[0].dim() == 4 else args[0].to(prec.TORCH_DTYPE[self.precision]),) + args[1:]
         autocast = torch.autocast(self.device.type, dtype=self.dtype) \
             if self.dtype in (torch.float16, torch.bfloat16) else contextlib.nullcontext()
         with autocast:
@@ -390,6 +451,50 @@ class Extractor:
         tqdm = require("tqdm", "progress bars")
         with tqdm.tqdm(total=n, unit="item", desc=f"extract {self.name}", dynamic_ncols=True) as bar:
             yield bar
+
+
+def _auto_backend(backend: str, precision: str, device: torch.device) -> str:
+    """``prec.resolve_backend``, falling back to torch when "auto" would pick an ONNX Runtime that
+    is not installed (a backend asked for by name raises instead, when it is used)."""
+    chosen = prec.resolve_backend(backend, precision, device)
+    if backend == "auto" and chosen == "onnxruntime":
+        try:
+            require("onnxruntime", 'backend="onnxruntime"')
+        except ImportError:
+            if precision == "int8":
+                raise
+            return "torch"
+    return chosen
+
+
+def _cast(encoder: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """The encoder on ``device`` in ``precision``: bf16 / fp16 weights (channels_last for CNNs, the
+    layout oneDNN's and cuDNN's reduced-precision convolutions want), fp32 as it is."""
+    encoder = encoder.to(device)
+    if precision in ("bf16", "fp16"):
+        encoder = encoder.to(prec.TORCH_DTYPE[precision])
+        if any(isinstance(m, nn.Conv2d) for m in encoder.modules()):
+            encoder = encoder.to(memory_format=torch.channels_last)
+    return encoder
+
+
+def _onnx_precision(path: Path, precision: str) -> Path:
+    """``path`` itself for fp32; for int8 its dynamically quantised copy, made once and cached (beside
+    a tlfast export; in the cache folder, keyed by the file's identity, for a user's file)."""
+    if precision != "int8":
+        return path
+    reduce_range = prec.capability().cpu_int8 in ("avx2", "none")
+    if path.parent == onnx_io.cache_dir():
+        target = path.with_suffix(f".int8-{onnx_io.INT8_RECIPE}{'-r7' if reduce_range else ''}.onnx")
+    else:
+        stat = path.stat()
+        target = onnx_io.cache_dir() / onnx_io.cache_key(model=str(path.resolve()), size=stat.st_size,
+                                                          mtime=stat.st_mtime_ns, int8=onnx_io.INT8_RECIPE,
+                                                          reduce_range=reduce_range)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        onnx_io.quantize_int8(path, target, reduce_range=reduce_range)
+    return target
 
 
 def _check_device(device: str | torch.device) -> torch.device:
