@@ -4,6 +4,7 @@ Every error names the argument and says how to fix it (DESIGN.md, "Errors").
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -156,3 +157,106 @@ def validate_k(k: Any, n: int, exclude_self: bool, nq: int) -> int:
         extra = " (exclude_self drops one candidate per query)" if exclude_self else ""
         raise ValueError(f"k must be between 1 and {limit}{extra}, got k={k}")
     return k
+
+
+# ---------------------------------------------------------------------------------------------
+# Range safety (docs/design/concurrency.md, "Numeric range").  Kernels accumulate in float32, so
+# squares and products of coordinates overflow above ~1.8e19 and underflow below ~1e-19, and a
+# float64 input beyond float32's range becomes inf when cast.  Inputs outside [2^-40, 2^40] are
+# rescaled here, by exact powers of two, before any backend runs; results are scaled back.
+#   cosine: each out-of-range row alone (cosine ignores a row's scale): values unchanged.
+#   ip:     queries by 2^-a, corpus by 2^-b;  <q, c> = 2^(a+b) <q', c'>.
+#   l2:     both by one 2^-e (distances need one frame); ||q - c||^2 = 2^(2e) ||q' - c'||^2.
+# Scaling by 2^j is exact, so in-range inputs see no change at all and out-of-range ones get the
+# float32 answer of the scaled problem; a value whose true size overflows float32 comes back inf.
+SAFE_LOG2 = 40
+
+
+def _exponent(a: float) -> int:
+    """e with a * 2^-e in [1, 2) (a > 0)."""
+    return math.frexp(a)[1] - 1
+
+
+def _in_range(a: float) -> bool:
+    return a == 0.0 or -SAFE_LOG2 <= _exponent(a) < SAFE_LOG2
+
+
+def abs_max(t: torch.Tensor) -> float:
+    """max |x| over ``t``, scanning in chunks of bounded memory."""
+    return max(float(torch.linalg.vector_norm(c.float() if c.dtype in (torch.float16, torch.bfloat16) else c,
+                                              ord=math.inf)) for _, c in _row_chunks(t))
+
+
+def rescale_rows(t: torch.Tensor, log2_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """``t`` with each row whose max |x| is outside [2^lo, 2^hi) (default [2^-40, 2^40)) multiplied by
+    the power of two that brings it into [1, 2) (a new tensor only where some row needs it).  For
+    scale-free metrics (cosine)."""
+    lo, hi = log2_range or (-SAFE_LOG2, SAFE_LOG2)
+    out = t
+    for start, chunk in _row_chunks(t):
+        c = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+        rmax = torch.linalg.vector_norm(c, ord=math.inf, dim=1).double()
+        exp = torch.frexp(rmax).exponent - 1
+        bad = (rmax > 0) & ((exp < lo) | (exp >= hi))
+        if bool(bad.any()):
+            if out is t:
+                out = t.clone()
+            exp = torch.where(bad, exp, 0)[:, None]
+            half = torch.div(exp, 2, rounding_mode="floor")
+            scaled = torch.ldexp(torch.ldexp(chunk.double(), -half), -(exp - half))  # two exact steps
+            out[start:start + chunk.shape[0]] = scaled.to(t.dtype)
+    return out
+
+
+def problem_scale(metric: Metric, q_max: float, c_max: float) -> tuple[int, int, int] | None:
+    """(query exponent, corpus exponent, value exponent) that bring an ip / l2 problem into float32's
+    safe range: run on q·2^-a and c·2^-b, multiply values by 2^v.  None when no scaling is needed."""
+    if metric.name not in ("ip", "l2") or (_in_range(q_max) and _in_range(c_max)):
+        return None
+    if metric.name == "ip":
+        a = _exponent(q_max) if q_max else 0
+        b = _exponent(c_max) if c_max else 0
+        return a, b, a + b
+    e = _exponent(max(q_max, c_max))
+    return e, e, 2 * e
+
+
+def scale_by_power_of_two(t: torch.Tensor, e: int) -> torch.Tensor:
+    """t · 2^-e, exactly: in two half steps, so that neither factor nor intermediate leaves the
+    dtype's range (2^-e alone overflows float32 for e < -127, e.g. subnormal inputs)."""
+    if e == 0:
+        return t
+    h = e // 2
+    return (t * 2.0 ** -h) * 2.0 ** -(e - h)
+
+
+def scale_values(values: torch.Tensor, e: int) -> torch.Tensor:
+    """float32 values · 2^e; inf where the true value overflows float32."""
+    return values if e == 0 else (values.double() * 2.0 ** e).to(torch.float32)
+
+
+def range_safe(inp: Inputs) -> tuple[Inputs, int]:
+    """``inp`` rescaled into float32's safe range (see above) and the value exponent to undo it."""
+    if inp.metric.name == "cosine":
+        q = rescale_rows(inp.queries)
+        c = q if inp.corpus is inp.queries else rescale_rows(inp.corpus)
+        return (inp if (q is inp.queries and c is inp.corpus) else Inputs(q, c, inp.metric, inp.is_numpy)), 0
+    if inp.metric.name not in ("ip", "l2"):
+        return inp, 0
+    scale = problem_scale(inp.metric, abs_max(inp.queries), abs_max(inp.corpus))
+    if scale is None:
+        return inp, 0
+    a, b, v = scale
+    return Inputs(scale_by_power_of_two(inp.queries, a), scale_by_power_of_two(inp.corpus, b), inp.metric,
+                  inp.is_numpy), v
+
+
+def check_exclude_self(queries: torch.Tensor, corpus: torch.Tensor) -> None:
+    """exclude_self drops the pair (i, i): only meaningful when queries *are* the corpus — the same
+    memory, or (a copy) equal contents."""
+    same_memory = (queries.shape == corpus.shape and queries.dtype == corpus.dtype
+                   and queries.device == corpus.device and queries.data_ptr() == corpus.data_ptr()
+                   and queries.stride() == corpus.stride())
+    if not same_memory and not (queries.shape == corpus.shape and torch.equal(queries, corpus)):
+        raise ValueError("exclude_self=True needs queries to be the corpus (the same array); these "
+                         "differ. Pass exclude_self=False, or the corpus itself as queries")

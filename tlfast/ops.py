@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import backends as _backends
-from ._validate import validate_k, validate_pair
+from ._validate import check_exclude_self, range_safe, scale_values, validate_k, validate_pair
 from .backends import BackendInfo
 
 __all__ = ["KnnResult", "knn", "pairwise", "backends"]
@@ -44,9 +44,12 @@ def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: s
     """
     inp = validate_pair(queries, corpus, metric)
     k = validate_k(k, inp.corpus.shape[0], exclude_self, inp.queries.shape[0])
+    if exclude_self:
+        check_exclude_self(inp.queries, inp.corpus)
     impl = _backends.resolve(backend, inp.device)
+    inp, value_exp = range_safe(inp)
     values, indices = impl.knn(inp.queries, inp.corpus, k, inp.metric, bool(exclude_self))
-    return KnnResult(inp.output(values), inp.output(indices))
+    return KnnResult(inp.output(scale_values(values, value_exp)), inp.output(indices))
 
 
 def pairwise(x: Any, y: Any, metric: str = "cosine", *, backend: str = "auto") -> Any:
@@ -57,4 +60,5 @@ def pairwise(x: Any, y: Any, metric: str = "cosine", *, backend: str = "auto") -
     """
     inp = validate_pair(x, y, metric)
     impl = _backends.resolve(backend, inp.device)
-    return inp.output(impl.pairwise(inp.queries, inp.corpus, inp.metric))
+    inp, value_exp = range_safe(inp)
+    return inp.output(scale_values(impl.pairwise(inp.queries, inp.corpus, inp.metric), value_exp))
