@@ -48,7 +48,10 @@ import torch.distributed as dist
 
 from ._validate import as_tensor, check_domain, check_matrix, validate_k
 from .backends import resolve as resolve_backend
-from .index import Index, _as_ids, _sha256, read_manifest
+import copy
+
+from ._rwlock import RWLock
+from .index import Index, _as_ids, _reader, _sha256, _writer, read_manifest
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
 
@@ -527,6 +530,23 @@ class ShardedIndex:
         self.timeout = _timeout(timeout)
         self._ids: list[np.ndarray] = []
         self._ids_given: bool | None = None  # decided by the first add
+        self._lock = RWLock()  # as Index: add exclusive; search / save shared (rows and ids agree)
+
+    def __getstate__(self) -> dict:
+        if self.group is not None:
+            raise TypeError("a ShardedIndex bound to a process group does not pickle (a group belongs to "
+                            "one process); save it with index.save(path) on every rank and reopen it with "
+                            "ShardedIndex.load(path)")
+        return dict(self.__dict__)
+
+    def __deepcopy__(self, memo) -> "ShardedIndex":
+        """An independent copy of this rank's shard, in the same process group."""
+        new = object.__new__(type(self))
+        with self._lock.read():
+            state = {k: v for k, v in self.__dict__.items() if k != "group"}
+            new.__dict__.update(copy.deepcopy(state, memo))
+        new.group = self.group
+        return new
 
     @property
     def metric(self):
@@ -544,6 +564,7 @@ class ShardedIndex:
         return (f"ShardedIndex(metric={self.metric.name!r}, dim={self.dim}, dtype={self.local.dtype!r}, "
                 f"local_count={len(self)})")
 
+    @_writer
     def add(self, x: Any, ids: Any = None) -> "ShardedIndex":
         """Append rows to this rank's shard (no communication); ``ids`` as in ``Index.add``."""
         given = ids is not None
@@ -569,6 +590,7 @@ class ShardedIndex:
                 "dtype": _DTYPE_CODES[getattr(torch, self.local.dtype)],
                 "rows": len(self), "ids": _UNKNOWN if self._ids_given is None else int(self._ids_given)}
 
+    @_reader
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None) -> KnnResult:
         """The ``k`` best rows of the whole sharded corpus for each query (collective).
 
@@ -618,6 +640,7 @@ class ShardedIndex:
                                              timeout=self.timeout, rank=rank, world=world, device=cdev)()
         return KnnResult(values.numpy(), out.numpy()) if is_numpy else KnnResult(values, out)
 
+    @_reader
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every rank's shard and rank 0's manifest under ``path`` (collective; see class doc)."""
         rank, world = _group_info(self.group)
