@@ -105,7 +105,7 @@ py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
     r = f32 ? tlfast::cpu::check_rows<float>(static_cast<const float*>(data), n, d, checks, tol, threads)
             : tlfast::cpu::check_rows<double>(static_cast<const double*>(data), n, d, checks, tol, threads);
   }
-  return py::make_tuple(r.row, r.problem, r.row_sum);
+  return py::make_tuple(r.row, r.problem, r.row_sum, r.max_abs, r.min_row_max_abs);
 }
 
 py::tuple cuda_device_count() {
@@ -252,8 +252,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("pairwise_cpu", &pairwise_cpu, py::arg("queries"), py::arg("corpus"), py::arg("metric"),
         py::arg("threads"), "Full (nq, n) float32 matrix of metric values.");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
-        "One pass over rows: (first bad row or -1, problem code, that row's sum). checks: 1 finite, "
-        "2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
+        "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
+        "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
   m.def("masked_mean_pool_cpu", &masked_mean_pool_cpu, py::arg("x"), py::arg("mask"), py::arg("normalize"),
         py::arg("threads"),
         "Fused masked mean over axis 1 of x (batch, steps, dim) float32 with an int64 mask, then L2-normalise.");

@@ -186,5 +186,7 @@ def test_auto_ids_after_explicit_ids_never_collide():
     index.add(np.ones((2, 4), dtype=np.float32))
     ids = np.concatenate(index._ids)
     assert len(set(ids.tolist())) == len(ids) == 6
-    np.testing.assert_array_equal(ids, [1, 0, 2, 10, 11, 12])
+    np.testing.assert_array_equal(ids, [1, 0, 2, 10, 4, 5])  # positions where free
     np.testing.assert_array_equal(index.search(x, 1).indices[:, 0], [1, 0, 2, 10])
+    clash = Index("ip").add(x[:2], ids=[2, 3]).add(x[2:])  # positions 2, 3 are taken: next free ids
+    np.testing.assert_array_equal(np.concatenate(clash._ids), [2, 3, 4, 5])

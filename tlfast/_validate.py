@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SCAN_ROWS = 65536
 
 
+class RowRange(NamedTuple):
+    """Magnitudes seen while validating: max |x| over the matrix, and the smallest non-zero row
+    max |x| (inf when every row is zero).  Decide range safety without another pass."""
+
+    abs_max: float
+    min_row_abs_max: float
+
+
 @dataclass(frozen=True)
 class Inputs:
     """Validated inputs as torch tensors, plus how to hand results back."""
@@ -28,6 +36,8 @@ class Inputs:
     corpus: torch.Tensor
     metric: Metric
     is_numpy: bool
+    queries_range: RowRange | None = None
+    corpus_range: RowRange | None = None
 
     @property
     def device(self) -> torch.device:
@@ -91,8 +101,10 @@ def _domain_error(name: str, metric: Metric, row: int, problem: int, row_sum: fl
                       f"'{metric.name}' needs probability rows; normalise with x / x.sum(1, keepdim=True)")
 
 
-def _first_problem_torch(t: torch.Tensor, checks: int, tol: float) -> tuple[int, int, float]:
-    """(row, problem, row_sum) of the first bad row, scanning in chunks of bounded memory."""
+def _first_problem_torch(t: torch.Tensor, checks: int, tol: float) -> tuple[int, int, float, float, float]:
+    """(row, problem, row_sum) of the first bad row, scanning in chunks of bounded memory, then
+    (as check_rows) max |x| and the smallest non-zero row max |x|."""
+    top, low = 0.0, math.inf
     for start, chunk in _row_chunks(t):
         c = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
         bad = torch.zeros(c.shape[0], dtype=torch.int8, device=c.device)
@@ -107,23 +119,30 @@ def _first_problem_torch(t: torch.Tensor, checks: int, tol: float) -> tuple[int,
         rows = bad.nonzero()
         if rows.numel():
             r = int(rows[0, 0])
-            return start + r, int(bad[r]), float(sums[r])
-    return -1, 0, 0.0
+            return start + r, int(bad[r]), float(sums[r]), 0.0, 0.0
+        rmax = torch.linalg.vector_norm(c, ord=math.inf, dim=1)
+        top = max(top, float(rmax.max()))
+        nonzero = rmax[rmax > 0]
+        if nonzero.numel():
+            low = min(low, float(nonzero.min()))
+    return -1, 0, 0.0, top, low
 
 
-def check_domain(t: torch.Tensor, name: str, metric: Metric) -> None:
-    """Finite values everywhere; non-zero rows for cosine; probability rows for kl / js."""
+def check_domain(t: torch.Tensor, name: str, metric: Metric) -> RowRange:
+    """Finite values everywhere; non-zero rows for cosine; probability rows for kl / js.  Returns
+    the magnitudes seen on the way (for range safety, ``range_safe``)."""
     checks = _FINITE | (_NONZERO if metric.domain == "nonzero" else 0) | (_SIMPLEX if metric.domain == "simplex" else 0)
     # Low-precision inputs round every entry by up to eps/2 relative, so their row sums can only be
     # held to max(SIMPLEX_TOL, eps) (bfloat16: 0.0078).
     tol = max(SIMPLEX_TOL, torch.finfo(t.dtype).eps) if t.dtype in (torch.float16, torch.bfloat16) else SIMPLEX_TOL
     if _C is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         # one fused parallel pass in C++ (csrc/cpu/check_rows.cpp)
-        row, problem, row_sum = _C.check_rows(t.contiguous().numpy(), checks, tol, torch.get_num_threads())
+        row, problem, row_sum, top, low = _C.check_rows(t.contiguous().numpy(), checks, tol, torch.get_num_threads())
     else:
-        row, problem, row_sum = _first_problem_torch(t, checks, tol)
+        row, problem, row_sum, top, low = _first_problem_torch(t, checks, tol)
     if row >= 0:
         raise _domain_error(name, metric, row, problem, row_sum, tol)
+    return RowRange(top, low)
 
 
 def validate_pair(queries: Any, corpus: Any, metric: str | Metric) -> Inputs:
@@ -139,10 +158,9 @@ def validate_pair(queries: Any, corpus: Any, metric: str | Metric) -> Inputs:
     check_matrix(c, "corpus")
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, corpus has dim {c.shape[1]}")
-    check_domain(q, "queries", m)
-    if c is not q:
-        check_domain(c, "corpus", m)
-    return Inputs(q, c, m, q_np)
+    q_range = check_domain(q, "queries", m)
+    c_range = check_domain(c, "corpus", m) if c is not q else q_range
+    return Inputs(q, c, m, q_np, q_range, c_range)
 
 
 def validate_k(k: Any, n: int, exclude_self: bool, nq: int) -> int:
@@ -187,11 +205,16 @@ def abs_max(t: torch.Tensor) -> float:
                                               ord=math.inf)) for _, c in _row_chunks(t))
 
 
-def rescale_rows(t: torch.Tensor, log2_range: tuple[int, int] | None = None) -> torch.Tensor:
+def rescale_rows(t: torch.Tensor, log2_range: tuple[int, int] | None = None,
+                 seen: RowRange | None = None) -> torch.Tensor:
     """``t`` with each row whose max |x| is outside [2^lo, 2^hi) (default [2^-40, 2^40)) multiplied by
     the power of two that brings it into [1, 2) (a new tensor only where some row needs it).  For
-    scale-free metrics (cosine)."""
+    scale-free metrics (cosine).  ``seen`` (from check_domain) skips the scan when no row can be
+    out of range."""
     lo, hi = log2_range or (-SAFE_LOG2, SAFE_LOG2)
+    if seen is not None and (seen.abs_max == 0 or (
+            2.0 ** lo <= seen.min_row_abs_max and seen.abs_max < 2.0 ** hi)):
+        return t
     out = t
     for start, chunk in _row_chunks(t):
         c = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
@@ -238,12 +261,15 @@ def scale_values(values: torch.Tensor, e: int) -> torch.Tensor:
 def range_safe(inp: Inputs) -> tuple[Inputs, int]:
     """``inp`` rescaled into float32's safe range (see above) and the value exponent to undo it."""
     if inp.metric.name == "cosine":
-        q = rescale_rows(inp.queries)
-        c = q if inp.corpus is inp.queries else rescale_rows(inp.corpus)
+        q = rescale_rows(inp.queries, seen=inp.queries_range)
+        c = q if inp.corpus is inp.queries else rescale_rows(inp.corpus, seen=inp.corpus_range)
         return (inp if (q is inp.queries and c is inp.corpus) else Inputs(q, c, inp.metric, inp.is_numpy)), 0
     if inp.metric.name not in ("ip", "l2"):
         return inp, 0
-    scale = problem_scale(inp.metric, abs_max(inp.queries), abs_max(inp.corpus))
+    def top(t: torch.Tensor, seen: RowRange | None) -> float:
+        return abs_max(t) if seen is None else seen.abs_max
+
+    scale = problem_scale(inp.metric, top(inp.queries, inp.queries_range), top(inp.corpus, inp.corpus_range))
     if scale is None:
         return inp, 0
     a, b, v = scale

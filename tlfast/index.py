@@ -34,7 +34,7 @@ import torch
 
 from .backends import resolve as _resolve_backend
 from ._rwlock import Mutex, RWLock
-from ._validate import (SAFE_LOG2, abs_max, as_tensor, check_domain, check_matrix, problem_scale, rescale_rows,
+from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale, rescale_rows,
                         scale_by_power_of_two, scale_values)
 from .metrics import get_metric
 from .ops import KnnResult
@@ -213,8 +213,7 @@ class Index:
         check_matrix(t, name)
         if self.dim is not None and t.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: {name} has dim {t.shape[1]}, the index has dim {self.dim}")
-        check_domain(t, name, self.metric)
-        return t
+        return self._range_safe(t, name, check_domain(t, name, self.metric), stored=True)
 
     def _to_storage(self, t: torch.Tensor, name: str) -> torch.Tensor:
         dt = _DTYPES[self.dtype]
@@ -226,7 +225,7 @@ class Index:
                              f"storage; scale the vectors down (or use Index(dtype='float32'))")
         return out
 
-    def _range_safe(self, t: torch.Tensor, name: str, *, stored: bool) -> torch.Tensor:
+    def _range_safe(self, t: torch.Tensor, name: str, seen: RowRange, *, stored: bool) -> torch.Tensor:
         """Rows the kernels compute on without overflow or underflow (docs/design/concurrency.md).
 
         cosine ignores each row's scale: out-of-range rows are rescaled by a power of two (exact);
@@ -235,9 +234,9 @@ class Index:
         indexes cannot, so they reject rows outside [2^-40, 2^40].
         """
         if self.metric.name == "cosine":
-            return rescale_rows(t, (0, 1) if stored and self.dtype == "float16" else None)
+            return rescale_rows(t, (0, 1) if stored and self.dtype == "float16" else None, seen)
         if self.kind != "flat" and self.metric.name in ("ip", "l2"):
-            a = abs_max(t)
+            a = seen.abs_max
             if a and not 2.0 ** -SAFE_LOG2 <= a < 2.0 ** SAFE_LOG2:
                 raise ValueError(f"{name} has values up to |x| = {a:.3g}; kind={self.kind!r} computes {self.metric.name} "
                                  f"in float32 and needs max |x| in [2^-40, 2^40]: scale the vectors by a "
@@ -257,9 +256,11 @@ class Index:
         if ids is None:
             if self._ids is None:
                 return None
-            # Automatic ids continue after the largest id given so far, so they never collide.
-            start = max((int(a.max()) for a in self._ids if a.size), default=-1) + 1
-            return [*self._ids, np.arange(start, start + n, dtype=np.int64)]
+            # Automatic ids are the positions where free (as without ids), else the next unused
+            # ids above them: never an id given before.
+            used = np.concatenate(self._ids)
+            free = np.arange(self._count, self._count + n + int((used >= self._count).sum()), dtype=np.int64)
+            return [*self._ids, free[~np.isin(free, used)][:n]]
         new = _as_ids(ids, n)
         if np.unique(new).size != n:
             raise ValueError("ids contain duplicates; every vector needs its own id")
@@ -275,7 +276,7 @@ class Index:
         Optional: an approximate index trains itself once ``add`` has given it enough rows (and is
         searched exactly until then).  A flat index needs no training.
         """
-        t = self._range_safe(self._prepare(x, "x"), "x", stored=True)
+        t = self._prepare(x, "x")
         if self.kind != "flat":
             self._ensure_ann(t.shape[1])
             self._ann.train(t.to("cpu", torch.float32).contiguous().numpy())
@@ -293,7 +294,7 @@ class Index:
         Rows are validated for the metric once, here (finite; non-zero for cosine; probability rows
         for kl / js), so searching never re-scans the corpus.
         """
-        t = self._range_safe(self._prepare(x, "x"), "x", stored=True)
+        t = self._prepare(x, "x")
         n = t.shape[0]
         new_ids = self._ids_after_add(ids, n)
         if self.kind == "flat":
@@ -431,8 +432,7 @@ class Index:
         check_matrix(q, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, the index has dim {self.dim}")
-        check_domain(q, "queries", self.metric)
-        q = self._range_safe(q, "queries", stored=False)
+        q = self._range_safe(q, "queries", check_domain(q, "queries", self.metric), stored=False)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         k = int(k)
