@@ -56,8 +56,8 @@ def test_few_queries_large_k_memory_does_not_grow_with_threads():
     nq, n, d, k = 100, 60_000, 8, 50_000
     result = nq * k * 12  # 60 MB: float32 values + int64 indices
     inputs = (nq + n) * d * 4
-    # 8 threads: the old segment split held 16 segments of heaps here, ~1 GB (measured 117 MiB at 2
-    # threads and 122 MiB at 8 with the bound)
+    # 8 threads: the old segment split held 16 segments of heaps here (~0.9 GB by its formula);
+    # with the bound, 117 MiB at 2 threads and 122 MiB at 8 were measured
     got = peak_extra(threads=8, nq=nq, n=n, d=d, k=k, metric="l2", backend="cpu")
     assert got["shape"] == [nq, k]
     # heaps (<= one result's worth) + the result + a packed corpus copy + merge buffers
