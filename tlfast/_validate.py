@@ -201,8 +201,8 @@ def _in_range(a: float) -> bool:
 
 def abs_max(t: torch.Tensor) -> float:
     """max |x| over ``t``, scanning in chunks of bounded memory."""
-    return max(float(torch.linalg.vector_norm(c.float() if c.dtype in (torch.float16, torch.bfloat16) else c,
-                                              ord=math.inf)) for _, c in _row_chunks(t))
+    return max((float(torch.linalg.vector_norm(c.float() if c.dtype in (torch.float16, torch.bfloat16) else c,
+                                               ord=math.inf)) for _, c in _row_chunks(t)), default=0.0)
 
 
 def rescale_rows(t: torch.Tensor, log2_range: tuple[int, int] | None = None,
@@ -275,6 +275,14 @@ def range_safe(inp: Inputs) -> tuple[Inputs, int]:
     a, b, v = scale
     return Inputs(scale_by_power_of_two(inp.queries, a), scale_by_power_of_two(inp.corpus, b), inp.metric,
                   inp.is_numpy), v
+
+
+def safe_knn(impl, inp: Inputs, k: int, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``impl.knn`` on the range-safe form of ``inp``, values scaled back (the one call site of every
+    kNN entry point: tlfast.knn and each step of tlfast.distributed.knn)."""
+    safe, value_exp = range_safe(inp)
+    values, indices = impl.knn(safe.queries, safe.corpus, k, safe.metric, exclude_self)
+    return scale_values(values, value_exp), indices
 
 
 def check_exclude_self(queries: torch.Tensor, corpus: torch.Tensor) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validate import as_tensor, check_domain, check_matrix, validate_k
+from ._validate import Inputs, as_tensor, check_domain, check_matrix, safe_knn, validate_k
 from .backends import resolve as resolve_backend
 import copy
 
@@ -420,8 +420,8 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     in_flight = None  # (first row, finish) of the chunk whose candidates are travelling
     for start in range(0, n, chunk):
         qc = q[start:start + chunk]
-        v, i = _local_candidates(lambda kk: impl.knn(qc, c, kk, m, False), qc.shape[0], sizes[rank],
-                                 offsets[rank], k, m.larger_is_better, q.device)
+        v, i = _local_candidates(lambda kk: safe_knn(impl, Inputs(qc, c, m, False), kk, False), qc.shape[0],
+                                 sizes[rank], offsets[rank], k, m.larger_is_better, q.device)
         started = (start, _gather_candidates(v, i, k, m.larger_is_better, group=group, timeout=timeout,
                                              rank=rank, world=world, device=cdev))
         if in_flight is not None:
@@ -462,8 +462,8 @@ def _ring(q, c, k, m, impl, *, exclude_self, sizes, offsets, group, timeout, ran
             shard = block.view(dtype).to(q.device)
             # exclude_self: the pair (i, i) lies in this rank's own shard, searched at step 0.
             own = exclude_self and src == rank
-            v, i = _local_candidates(lambda kk: impl.knn(q, shard, kk, m, own), n, sizes[src] - own,
-                                     offsets[src], k, m.larger_is_better, q.device)
+            v, i = _local_candidates(lambda kk: safe_knn(impl, Inputs(q, shard, m, False), kk, own), n,
+                                     sizes[src] - own, offsets[src], k, m.larger_is_better, q.device)
             best_v, best_i = merge_topk(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k,
                                         m.larger_is_better)
         for w in works:

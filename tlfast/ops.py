@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import backends as _backends
-from ._validate import check_exclude_self, range_safe, scale_values, validate_k, validate_pair
+from ._validate import check_exclude_self, range_safe, safe_knn, scale_values, validate_k, validate_pair
 from .backends import BackendInfo
 
 __all__ = ["KnnResult", "knn", "pairwise", "backends"]
@@ -47,9 +47,8 @@ def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: s
     if exclude_self:
         check_exclude_self(inp.queries, inp.corpus)
     impl = _backends.resolve(backend, inp.device)
-    inp, value_exp = range_safe(inp)
-    values, indices = impl.knn(inp.queries, inp.corpus, k, inp.metric, bool(exclude_self))
-    return KnnResult(inp.output(scale_values(values, value_exp)), inp.output(indices))
+    values, indices = safe_knn(impl, inp, k, bool(exclude_self))
+    return KnnResult(inp.output(values), inp.output(indices))
 
 
 def pairwise(x: Any, y: Any, metric: str = "cosine", *, backend: str = "auto") -> Any:
