@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent("""
 
 def peak_extra(threads: int = 0, **kw) -> dict:
     # run outside the checkout so that the installed tlfast (with its built extension) is imported
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(threads=threads, **kw)], capture_output=True, text=True, timeout=600,
-                         cwd=Path(tempfile.gettempdir()))
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(threads=threads, **kw)], capture_output=True,
+                         text=True, timeout=600, cwd=Path(tempfile.gettempdir()))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

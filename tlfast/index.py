@@ -34,8 +34,8 @@ import torch
 
 from .backends import resolve as _resolve_backend
 from ._rwlock import Mutex, RWLock
-from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale, rescale_rows,
-                        scale_by_power_of_two, scale_values)
+from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale,
+                        rescale_rows, scale_by_power_of_two, scale_values)
 from .metrics import get_metric
 from .ops import KnnResult
 
@@ -238,9 +238,9 @@ class Index:
         if self.kind != "flat" and self.metric.name in ("ip", "l2"):
             a = seen.abs_max
             if a and not 2.0 ** -SAFE_LOG2 <= a < 2.0 ** SAFE_LOG2:
-                raise ValueError(f"{name} has values up to |x| = {a:.3g}; kind={self.kind!r} computes {self.metric.name} "
-                                 f"in float32 and needs max |x| in [2^-40, 2^40]: scale the vectors by a "
-                                 f"constant, or use kind='flat' (which rescales exactly)")
+                raise ValueError(f"{name} has values up to |x| = {a:.3g}; kind={self.kind!r} computes "
+                                 f"{self.metric.name} in float32 and needs max |x| in [2^-40, 2^40]: scale the "
+                                 f"vectors by a constant, or use kind='flat' (which rescales exactly)")
         return t
 
     def _ann_module(self):
