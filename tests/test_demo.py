@@ -33,6 +33,7 @@ def test_raw_fallback_is_labelled_and_coral_helps(tmp_path):
     lines = []
     results = run_demo(tmp_path / "out", backbone="raw", log=lines.append)
     assert results["fallback"].startswith("FALLBACK") and lines[0] == results["fallback"]
+    assert results["ranking"] is None  # no backbones to rank without the pretrained one
     assert "FALLBACK" in (tmp_path / "out" / "report.md").read_text()
     _check_outputs(tmp_path / "out", results)
 
@@ -45,6 +46,11 @@ def test_efficientnet_demo(tmp_path):
     _check_outputs(tmp_path / "out", results)
     # The pretrained features are good on the unshifted digits; the shift costs accuracy.
     assert all(row["no shift (reference)"] > 0.85 for row in results["accuracy"])
+    # Source ranking: four candidates scored on a sample, each with the accuracy it reaches.
+    ranking = results["ranking"]
+    assert len(ranking["rows"]) == 4 and ranking["rows"][0]["logme"] >= ranking["rows"][-1]["logme"]
+    assert all(0 < r["probe_accuracy"] <= 1 for r in ranking["rows"]) and -1 <= ranking["kendall_tau"] <= 1
+    assert "Choosing the source features" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_backbone():

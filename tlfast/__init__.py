@@ -14,16 +14,18 @@ from .match import Matches, match
 from .metrics import METRICS, Metric
 from .ops import KnnResult, backends, knn, pairwise
 from .store import FeatureStore
+from . import transferability
+from .transferability import rank_sources
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn",
            "pairwise", "__version__", "Index", "KNNClassifier", "LinearProbe", "Matches", "distributed", "domain",
-           "match", "transfer"]
+           "match", "transfer", "KNNRegressor", "RidgeProbe", "transferability", "rank_sources"]
 
 # The training stage needs scikit-learn (the `train` extra): imported on first use, so that
 # `import tlfast` works without it.
-_TRAIN = ("KNNClassifier", "LinearProbe", "transfer")
+_TRAIN = ("KNNClassifier", "KNNRegressor", "LinearProbe", "RidgeProbe", "transfer")
 
 
 def __getattr__(name: str):

@@ -46,14 +46,15 @@ import copy
 import json
 import math
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import _persist
 from .backends import info as _backend_info, resolve as _resolve_backend
 from ._native import _C
 from ._rwlock import Mutex
@@ -100,16 +101,9 @@ def _exact_backend():
     return _resolve_backend("cpu" if _backend_info("cpu").available else "reference", torch.device("cpu"))
 
 
-def _atomic_save_npy(directory: str, name: str, array: np.ndarray) -> str:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _save_npy(directory: str, name: str, array: np.ndarray) -> str:
+    """``array`` as ``directory/name`` (the staging folder of ``Index.save``, committed as a whole)."""
+    _persist.save_npy(Path(directory) / name, array)
     return name
 
 
@@ -124,6 +118,8 @@ def _load_npy(directory: str, name: str, dtype, shape: tuple) -> np.ndarray:
         raise ValueError(f"index file {path} holds {a.dtype} {a.shape}, expected {np.dtype(dtype)} "
                          f"{tuple('*' if s is None else s for s in shape)}; the file does not belong "
                          f"to this index or is corrupted")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"index file {path} holds NaN or infinite values; it is corrupted (rebuild the index)")
     return a
 
 
@@ -246,10 +242,10 @@ class _ApproximateIndex(ABC):
     def _build_params(self) -> dict: ...
 
     def save(self, directory: str) -> list[str]:
-        """Write the index into ``directory`` (each file via a temp file and a rename)."""
+        """Write the index's files into ``directory`` (a staging folder that ``Index.save`` commits whole)."""
         files = self._save(directory)
         if self._pending:
-            files.append(_atomic_save_npy(directory, _FILE["pending"], np.concatenate(self._pending)))
+            files.append(_save_npy(directory, _FILE["pending"], np.concatenate(self._pending)))
         return files
 
     @abstractmethod
@@ -376,15 +372,9 @@ class FaissIndex(_ApproximateIndex):
     def _save(self, directory: str) -> list[str]:
         if self.index is None:
             return []
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_FILE['faiss']}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._faiss.write_index(self.index, tmp)
-            os.replace(tmp, os.path.join(directory, _FILE["faiss"]))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # serialize_index + a plain write: a failed write is an OSError naming the file, not a C++ error
+        data = self._faiss.serialize_index(self.index)
+        _persist.write_bytes(Path(directory) / _FILE["faiss"], data)
         return [_FILE["faiss"]]
 
     def _load(self, directory: str) -> None:
@@ -558,11 +548,11 @@ class FusedIVF(_ApproximateIndex):
     def _save(self, directory: str) -> list[str]:
         if self.centroids is None:
             return []
-        files = [_atomic_save_npy(directory, _FILE["centroids"], self.centroids)]
+        files = [_save_npy(directory, _FILE["centroids"], self.centroids)]
         if self._chunks:
             data, lists = self._rows_and_lists()
-            files.append(_atomic_save_npy(directory, _FILE["vectors"], data))
-            files.append(_atomic_save_npy(directory, _FILE["lists"], lists.astype(np.int64)))
+            files.append(_save_npy(directory, _FILE["vectors"], data))
+            files.append(_save_npy(directory, _FILE["lists"], lists.astype(np.int64)))
         return files
 
     def _load(self, directory: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``tlfast`` command line: info, extract, knn, match, bench, demo.
+"""The ``tlfast`` command line: info, extract, knn, match, rank, bench, demo.
 
 Every command prints a short summary; results go to files written through a temp file and a
 rename.  Errors are one line on stderr and exit status 2 (1 for a failed benchmark script).
@@ -13,12 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import _persist
 
 EXAMPLES = {
     "info": """examples:
@@ -38,6 +39,10 @@ EXAMPLES = {
   tlfast match source.npy target.npy                        # mutual NN -> matches.csv
   tlfast match src-feats/ tgt-feats/ --ratio 0.8 -o m.npz   # + Lowe's ratio test
   tlfast match a.npy b.npy --metric l2 --no-mutual --threshold 0.5""",
+    "rank": """examples:
+  tlfast rank labels.npy feats-a.npy feats-b/               # precomputed features (.npy / store) by file name
+  tlfast rank labels.npy lite0=feats-a.npy raw=pixels.npy --metric hscore_shrinkage
+  tlfast rank labels.npy efficientnet_lite0 --data images.npy --sample 2000 -o ranking.json""",
     "bench": """examples:
   tlfast bench --quick                 # every ./benchmarks/bench_*.py, small shapes
   tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
@@ -66,26 +71,20 @@ class CLIError(Exception):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _umasked(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+# Result files: temp file + rename (readers see the old file or the whole new one); a device node
+# such as /dev/null is written into, never replaced.  One implementation for all of tlfast.
+atomic_write = _persist.write_file
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it over ``path``: readers
-    see the old file or the whole new one.  The file gets the usual permissions (0666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _umasked(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _check_output(out: Path, *inputs: Path) -> None:
+    """An output path must be neither an input nor inside an input folder (a store or index being
+    read): writing there would destroy what the command reads."""
+    target = Path(os.path.realpath(out))
+    for src in inputs:
+        real = Path(os.path.realpath(src))
+        if target == real or real in target.parents:
+            raise CLIError(f"output {out} is {'the input' if target == real else 'inside the input'} {src}; "
+                           f"write the result elsewhere")
 
 
 def _kind_of(path: Path) -> str:
@@ -230,6 +229,7 @@ def _read_extract_input(path: Path) -> Any:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import tlfast
 
+    _check_output(Path(args.out), Path(args.input))
     data = _read_extract_input(Path(args.input))
     t = time.perf_counter()
     extractor = tlfast.Extractor.from_pretrained(args.model, backend=args.backend, device=args.device)
@@ -242,6 +242,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
+    _check_output(Path(args.out), Path(args.queries), Path(args.corpus))
     queries = _load_matrix(Path(args.queries), "queries")
     index = _open_corpus(Path(args.corpus), args.metric)
     t = time.perf_counter()
@@ -258,6 +259,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 def _cmd_match(args: argparse.Namespace) -> int:
     import tlfast
 
+    _check_output(Path(args.out), Path(args.source), Path(args.target))
     src, tgt = _load_matrix(Path(args.source), "source"), _load_matrix(Path(args.target), "target")
     t = time.perf_counter()
     m = tlfast.match(src, tgt, args.metric, mutual=not args.no_mutual, ratio=args.ratio, threshold=args.threshold,
@@ -274,6 +276,48 @@ def _cmd_match(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out}: write .csv or .npz")
     print(f"{len(m.source_idx)} matches of {len(src)} source rows against {len(tgt)} target rows "
           f"({args.metric}) in {dt:.3f} s -> {out}")
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import tlfast
+    from .transferability import ranking_table
+
+    if args.out and Path(args.out).suffix not in (".json", ".md"):
+        raise CLIError(f"--out {args.out}: write .json or .md")
+    labels = np.load(args.labels, allow_pickle=False)
+    candidates: dict[str, Any] = {}
+    data = None
+    for spec in args.candidates:
+        name, _, where = spec.rpartition("=")
+        path = Path(where)
+        name = name or (path.stem if path.suffix == ".npy" or path.is_dir() else where)
+        if name in candidates:
+            raise CLIError(f"two candidates are named {name!r}; name them NAME=PATH")
+        if path.suffix == ".npy" or path.is_dir():
+            kind = _kind_of(path)
+            if kind == "index":
+                raise CLIError(f"{path} is a saved index; pass the features (.npy or feature store) instead")
+            candidates[name] = (tlfast.FeatureStore(path) if kind == "store"
+                                else np.load(path, mmap_mode="r", allow_pickle=False))
+        else:
+            if args.data is None:
+                raise CLIError(f"candidate {where!r} is a model: pass --data (the inputs to extract)")
+            if data is None:
+                data = _read_extract_input(Path(args.data))
+            candidates[name] = tlfast.Extractor.from_pretrained(where, device=args.device)
+    table = tlfast.rank_sources(candidates, data, labels, metric=args.metric, sample=args.sample,
+                                regression=args.regression, seed=args.seed)
+    md = ranking_table(table, args.metric)
+    if args.out:
+        out = Path(args.out)
+        rows = [r._asdict() for r in table]
+        if out.suffix == ".json":
+            atomic_write(out, lambda f: f.write(json.dumps({"metric": args.metric, "sample": args.sample,
+                                                            "rows": rows}, indent=1).encode()))
+        else:
+            atomic_write(out, lambda f: f.write((md + "\n").encode()))
+    print(md)
     return 0
 
 
@@ -454,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test, e.g. 0.8")
     s.add_argument("--threshold", type=float, default=None, help="keep scores at least this good")
     s.add_argument("--out", "-o", default="matches.csv", help="result file, .csv or .npz (default matches.csv)")
+
+    s = _sub(sub, "rank", "rank source models / features by transferability to labelled target data", _cmd_rank)
+    s.add_argument("labels", help=".npy of the target labels (or regression targets)")
+    s.add_argument("candidates", nargs="+",
+                   help="[NAME=]PATH of precomputed features (.npy / feature store), or [NAME=]MODEL with --data")
+    s.add_argument("--data", default=None, help="inputs for model candidates (as `tlfast extract` takes)")
+    s.add_argument("--metric", default="logme", choices=["logme", "hscore", "hscore_shrinkage", "transrate"])
+    s.add_argument("--sample", type=int, default=None, help="score a random sample of this many rows")
+    s.add_argument("--regression", action="store_true", help="labels are real targets (logme only)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    s.add_argument("--device", default="cpu", help="device for model candidates")
+    s.add_argument("--out", "-o", default=None, help="also write the table to .json or .md")
 
     s = _sub(sub, "bench", "run the benchmark scripts -> bench.json, bench.md, bench.png", _cmd_bench)
     s.add_argument("suites", nargs="*", help="which benchmarks/bench_SUITE.py to run (default: all)")

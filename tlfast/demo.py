@@ -31,6 +31,11 @@ __all__ = ["run_demo"]
 # EfficientNet-Lite0 runs on the 8x8 digits upsampled to 64x64 instead of its native 224: global
 # pooling makes the features size-agnostic, and 12x fewer FLOPs keep the demo well under a minute.
 IMAGE_SIZE = 64
+# Source digits the candidate backbones are ranked on (each extracts only these), and the earlier
+# EfficientNet-Lite0 blocks ranked against its pooled head: block 4 (40 channels, 8x8 at this input
+# size) and block 10 (112 channels, 4x4).
+RANK_SAMPLE = 500
+RANK_BLOCKS = (4, 10)
 
 
 @dataclass
@@ -151,8 +156,11 @@ def run_demo(out: str | os.PathLike = "tlfast-demo-out", *, backbone: str = "aut
         coral = timer(stage, lambda: make().fit(aligned, src_y).score(ft, tgt_y))
         rows.append({"method": label, "no shift (reference)": ref, "shifted": plain, "shifted + CORAL": coral})
 
+    ranking = (timer("rank sources (LogME)", lambda: _rank_backbones(src_img, src_y, fs, seed, log))
+               if extractor is not None else None)
+
     results = {
-        "fallback": fallback, "features": feature_name, "shift": shift,
+        "fallback": fallback, "features": feature_name, "shift": shift, "ranking": ranking,
         "source": len(fs), "target": len(ft), "dim": int(fs.shape[1]),
         "matches": matching,
         "mmd2_before": gap_before, "mmd2_after": gap_after, "accuracy": rows,
@@ -194,7 +202,7 @@ def _report(r: dict, table: str) -> str:
     return (f"# tlfast demo: digits -> shifted digits\n\n{head}"
             f"* features: {r['features']}\n* source: {r['source']} labelled digits (scikit-learn's bundled set)\n"
             f"* target: the other {r['target']} digits under {r['shift']}; their labels are used only to score\n"
-            f"* machine: {r['machine']}\n\n{table}\n\n"
+            f"* machine: {r['machine']}\n\n{table}\n\n{_ranking_section(r.get('ranking'))}"
             "*no shift (reference)*: the same classifier on the target digits without the shift - the accuracy "
             "the shift costs.  *shifted + CORAL*: source features re-coloured to the target covariance and mean "
             "(`tlfast.domain.coral`, lambda = 1) before training.\n\n![demo](demo.png)\n")
@@ -239,3 +247,60 @@ def _plot(path: Path, fs: np.ndarray, aligned: np.ndarray, ft: np.ndarray, label
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def _rank_backbones(src_img: np.ndarray, src_y: np.ndarray, pooled: np.ndarray, seed: int,
+                    log: Callable[[str], None]) -> dict:
+    """Rank candidate source features for the digits by LogME (``tlfast.rank_sources``) on a sample of
+    RANK_SAMPLE source digits - EfficientNet-Lite0's pooled head, two earlier blocks (extracted for
+    the sample only, the forward pass stopping at the block) and the raw pixels - and measure the
+    accuracy each reaches: a linear probe's 3-fold cross-validated accuracy on the same sample."""
+    import tlfast
+    from sklearn.model_selection import cross_val_score
+    from scipy.stats import kendalltau
+
+    from .extract import models
+
+    rows = np.sort(np.random.default_rng(seed + 2).choice(len(src_img), min(RANK_SAMPLE, len(src_img)),
+                                                          replace=False))
+    images, labels = _as_rgb_uint8(src_img[rows]), src_y[rows]
+    mean = torch.tensor(models.LITE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.LITE_STD).view(1, 3, 1, 1)
+
+    def preprocess(batch: torch.Tensor) -> torch.Tensor:  # uint8 NHWC -> normalised float NCHW
+        return (batch.permute(0, 3, 1, 2).float() / 255 - mean.to(batch.device)) / std.to(batch.device)
+
+    net = models.load_efficientnet_lite0()
+    candidates: dict[str, Any] = {"EfficientNet-Lite0, pooled head": pooled[rows]}
+    for block in RANK_BLOCKS:
+        candidates[f"EfficientNet-Lite0, block {block}"] = tlfast.Extractor.from_module(
+            net, layer=f"_blocks.{block}", preprocess=preprocess, normalize=False, name=f"block {block}")
+    candidates["raw pixels"] = src_img[rows].reshape(len(rows), -1).astype(np.float32)
+    log(f"ranking {len(candidates)} candidate source features by LogME on {len(rows)} source digits ...")
+    table = tlfast.rank_sources(candidates, images, labels, metric="logme")
+    out = []
+    for r in table:
+        cand = candidates[r.name]
+        feats = cand.extract(images, progress=False).numpy() if hasattr(cand, "extract") else cand
+        acc = float(cross_val_score(tlfast.LinearProbe(), feats, labels, cv=3).mean())
+        out.append({"name": r.name, "logme": r.score, "dims": r.dims, "seconds": round(r.seconds, 3),
+                    "probe_accuracy": acc})
+    tau = float(kendalltau([r["logme"] for r in out], [r["probe_accuracy"] for r in out]).statistic)
+    by_acc = [r["name"] for r in sorted(out, key=lambda r: -r["probe_accuracy"])]
+    return {"sample": int(len(rows)), "rows": out, "kendall_tau": tau,
+            "same_order": by_acc == [r["name"] for r in out]}
+
+
+def _ranking_section(ranking: dict | None) -> str:
+    if not ranking:
+        return ""
+    lines = [f"## Choosing the source features (LogME on {ranking['sample']} source digits)", "",
+             "| rank | candidate | LogME | dims | seconds (extract + score) | linear-probe accuracy (3-fold CV) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {r['name']} | {r['logme']:.4f} | {r['dims']} | {r['seconds']:.2f} | {r['probe_accuracy']:.3f} |"
+              for i, r in enumerate(ranking["rows"], 1)]
+    verdict = ("the LogME ranking is the accuracy ranking" if ranking["same_order"]
+               else "the LogME ranking differs from the accuracy ranking")
+    lines += ["", f"Kendall tau between LogME and the accuracy each candidate reaches: **{ranking['kendall_tau']:.2f}** "
+              f"({verdict}).  `tlfast.rank_sources` extracted only the sample with each backbone.", "", ""]
+    return "\n".join(lines)

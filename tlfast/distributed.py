@@ -36,8 +36,8 @@ keep ``timeout`` below the one given to ``init_process_group`` to get the PeerEr
 from __future__ import annotations
 
 import datetime
-import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -50,8 +50,9 @@ from ._validate import Inputs, as_tensor, check_domain, check_matrix, safe_knn, 
 from .backends import resolve as resolve_backend
 import copy
 
+from . import _persist
 from ._rwlock import RWLock
-from .index import Index, _as_ids, _reader, _sha256, _writer, read_manifest
+from .index import Index, _as_ids, _check_loaded_ids, _reader, _writer
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
 
@@ -477,24 +478,37 @@ def _ring(q, c, k, m, impl, *, exclude_self, sizes, offsets, group, timeout, ran
 
 SHARDED_FORMAT = "tlfast.sharded_index"
 SHARDED_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = _persist.MANIFEST
 
 
 def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _is_optional(check: Callable[[Any], None]) -> Callable[[Any], None]:
+    return lambda v: None if v is None else check(v)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    return read_manifest(path, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, f"sharded index ({what})")
+# manifest.json of the folder, and each rank's shard-<rank>.json (same format string).
+SHARDED_KIND = _persist.Kind(SHARDED_FORMAT, "sharded index", SHARDED_FORMAT_VERSION, schema={
+    "world_size": _persist.is_int(1), "metric": _persist.is_str(METRICS), "dim": _is_optional(_persist.is_int(1)),
+    "dtype": _persist.is_str(("float32", "float16", "bfloat16")), "ids": _persist.is_instance(bool),
+    "count": _persist.is_int(0), "counts": _persist.is_list(_persist.is_int(0)),
+    "shards": _persist.is_list(_persist.check_name)},
+    listed=lambda meta: [n for s in meta["shards"] for n in (s, f"{s}.json", f"{s}-ids.npy")])
+SHARD_RECORD_KIND = _persist.Kind(SHARDED_FORMAT, "sharded index (rank shard manifest)", SHARDED_FORMAT_VERSION,
+                                  schema={"rank": _persist.is_int(0), "count": _persist.is_int(0),
+                                          "index": _is_optional(_persist.check_name),
+                                          "ids": _is_optional(_persist.is_record({"file": _persist.check_name,
+                                                                                  "bytes": _persist.is_int(0),
+                                                                                  "sha256": _persist.is_sha256}))},
+                                  listed=lambda meta: ())
+
+
+def _staging_path(path: Path) -> Path:
+    """The staging folder of a collective save: one name every rank derives (rank 0 holds its lock)."""
+    path = Path(os.path.abspath(path))
+    return path.parent / f".{path.name}{_persist.TMP_TAG}sharded"
 
 
 class ShardedIndex:
@@ -642,49 +656,67 @@ class ShardedIndex:
 
     @_reader
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write every rank's shard and rank 0's manifest under ``path`` (collective; see class doc)."""
+        """Write every rank's shard and rank 0's manifest under ``path`` (collective; see class doc).
+
+        Atomic as ``Index.save``: rank 0 creates a staging folder beside ``path``, every rank writes
+        its shard into it, and rank 0 commits it in one step once all have succeeded, so ``path``
+        is at every instant the old sharded index or the new one.  ``overwrite=True`` replaces only
+        a sharded index (recognised by its manifest, holding nothing else)."""
         rank, world = _group_info(self.group)
         path = Path(path)
+        stage = _staging_path(path)
         name = _shard_name(rank)
         cdev = _comm_device(self.group, self.local.device)
         common = dict(group=self.group, timeout=self.timeout, rank=rank, world=world, device=cdev)
-        error = None
-        if (path / MANIFEST).exists() and not overwrite:
-            error = FileExistsError(f"{path} holds a sharded index; pass overwrite=True or choose another path")
-        rows = _exchange_descriptor(self._fields(OP_INDEX_SAVE), error, **common)
-        error = None
-        try:  # this rank's files; then every rank learns whether all of them succeeded
-            path.mkdir(parents=True, exist_ok=True)
-            record = {"format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "rank": rank,
-                      "count": len(self), "index": None, "ids": None}
-            if len(self):
-                self.local.save(path / name, overwrite=overwrite)
-                record["index"] = name
-            if self._ids_given and len(self):
-                ids_path = path / f"{name}-ids.npy"
-                tmp = path / f".{name}-ids.npy.tmp"
-                with open(tmp, "wb") as f:
-                    np.save(f, np.concatenate(self._ids))
-                os.replace(tmp, ids_path)
-                record["ids"] = {"file": ids_path.name, "bytes": ids_path.stat().st_size,
-                                 "sha256": _sha256(ids_path)}
-            _write_json(path / f"{name}.json", record)
-        except Exception as exc:  # disk full, permissions, ...: reported to every rank
-            error = exc
-        _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)
-        error = None
+        error, lock = None, None
         if rank == 0:
             try:
-                dims = {d["dim"] for d in rows} - {_UNKNOWN}
-                _write_json(path / MANIFEST, {
-                    "format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "world_size": world,
-                    "metric": self.metric.name, "dim": dims.pop() if dims else None,
-                    "dtype": self.local.dtype, "ids": any(d["ids"] == 1 for d in rows),
-                    "count": sum(d["rows"] for d in rows), "counts": [d["rows"] for d in rows],
-                    "shards": [_shard_name(r) for r in range(world)]})
+                _persist.recover(path)
+                _persist.check_replaceable(path, SHARDED_KIND, overwrite)
+                with _persist.naming(stage, "creating"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    stage.mkdir()
+                lock = _persist.lock(stage)
             except Exception as exc:
                 error = exc
-        _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)  # nobody returns before the manifest
+        try:
+            rows = _exchange_descriptor(self._fields(OP_INDEX_SAVE), error, **common)
+            error = None
+            try:  # this rank's files; then every rank learns whether all of them succeeded
+                record = {"format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "rank": rank,
+                          "count": len(self), "index": None, "ids": None}
+                if len(self):
+                    self.local.save(stage / name)
+                    record["index"] = name
+                if self._ids_given and len(self):
+                    ids_name = f"{name}-ids.npy"
+                    record["ids"] = {"file": ids_name,
+                                     **_persist.save_npy(stage / ids_name, np.concatenate(self._ids))}
+                _persist.write_json(stage / f"{name}.json", record)
+            except Exception as exc:  # disk full, permissions, ...: reported to every rank
+                error = exc
+            _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)
+            error = None
+            if rank == 0:
+                try:
+                    dims = {d["dim"] for d in rows} - {_UNKNOWN}
+                    _persist.write_json(stage / MANIFEST, {
+                        "format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "world_size": world,
+                        "metric": self.metric.name, "dim": dims.pop() if dims else None,
+                        "dtype": self.local.dtype, "ids": any(d["ids"] == 1 for d in rows),
+                        "count": sum(d["rows"] for d in rows), "counts": [d["rows"] for d in rows],
+                        "shards": [_shard_name(r) for r in range(world)]})
+                    _persist.check_replaceable(path, SHARDED_KIND, overwrite)
+                    _persist.commit(stage, path)
+                except Exception as exc:
+                    error = exc
+            _exchange_descriptor({"op": OP_INDEX_SAVE}, error, **common)  # nobody returns before the commit
+        finally:
+            if rank == 0:
+                if stage.exists():  # not committed: a failure on some rank
+                    shutil.rmtree(stage, ignore_errors=True)
+                if lock is not None:
+                    os.close(lock)
         return path
 
     @classmethod
@@ -702,29 +734,33 @@ class ShardedIndex:
         fields: dict[str, int] = {"op": OP_INDEX_LOAD}
         dev = torch.device("cpu")
         try:
-            meta = _read_json(path / MANIFEST, "manifest")
+            _persist.recover(path)
+            meta = _persist.read_manifest(path, SHARDED_KIND)
+            _persist.check_listing(path, SHARDED_KIND.listed(meta), "sharded index")
             if meta["world_size"] != world:
                 raise ValueError(f"{path} was saved by {meta['world_size']} ranks and is loaded by {world}; "
                                  f"load it with the same world size (resharding is not supported)")
-            record = _read_json(path / f"{_shard_name(rank)}.json", f"rank {rank} shard manifest")
+            if len(meta["counts"]) != world or len(meta["shards"]) != world:
+                raise ValueError(f"{path / MANIFEST} lists {len(meta['shards'])} shards for {world} ranks; "
+                                 f"the manifest is corrupted (re-save the index)")
+            record = _persist.read_manifest(path, SHARD_RECORD_KIND, f"{meta['shards'][rank]}.json")
             index = cls(meta["metric"], dim=meta["dim"], dtype=meta["dtype"], device=device, group=group,
                         timeout=timeout)
             if record["count"] != meta["counts"][rank]:
                 raise ValueError(f"{path}: rank {rank}'s shard holds {record['count']} rows, the manifest says "
                                  f"{meta['counts'][rank]}; re-save the index")
             if record["index"] is not None:
-                index.local = Index.load(path / record["index"], mmap=mmap, device=device, verify=verify)
+                index.local = Index.load(_persist.inside(path, record["index"]), mmap=mmap, device=device,
+                                         verify=verify)
                 if len(index.local) != record["count"]:
                     raise ValueError(f"{path / record['index']} holds {len(index.local)} rows, expected "
                                      f"{record['count']}; re-save the index")
             index._ids_given = bool(meta["ids"]) if record["count"] else None
             if record["ids"] is not None:
-                ids_path = path / record["ids"]["file"]
-                if not ids_path.is_file() or ids_path.stat().st_size != record["ids"]["bytes"]:
-                    raise ValueError(f"{ids_path} is missing, truncated or altered; re-save the index")
-                if verify and _sha256(ids_path) != record["ids"]["sha256"]:
-                    raise ValueError(f"{ids_path} is corrupted (sha256 mismatch); re-save the index")
-                index._ids = [np.load(ids_path, allow_pickle=False).astype(np.int64, copy=False)]
+                ids_path = _persist.inside(path, record["ids"]["file"])
+                fd = _persist.open_verified(ids_path, record["ids"], verify=verify, what="sharded index")
+                ids, _ = _persist.load_npy(fd, ids_path, mmap_mode=False)
+                index._ids = [_check_loaded_ids(ids, record["count"], ids_path)]
             elif meta["ids"] and record["count"]:
                 raise ValueError(f"{path}: rank {rank}'s shard has no ids file but the index has ids")
             fields, dev = index._fields(OP_INDEX_LOAD), index.local.device

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,11 +28,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import _persist
 from .backends import resolve as _resolve_backend
 from ._rwlock import Mutex, RWLock
 from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale,
                         rescale_rows, scale_by_power_of_two, scale_values)
-from .metrics import get_metric
+from .metrics import METRICS, get_metric
 from .ops import KnnResult
 
 __all__ = ["Index", "parse_bytes"]
@@ -56,7 +53,8 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb"
 # travelling to a GPU, or half-precision storage that the CPU kernel reads as float32 (so float16
 # storage keeps its memory saving during search too).
 _DEFAULT_BLOCK_BUDGET = 64 * 2**20
-_HASH_CHUNK = 2**24
+# Rows per block when saving and when scanning loaded vectors for the metric's domain.
+_IO_ROWS = 65536
 
 
 def parse_bytes(value: Any, name: str = "memory_budget") -> int:
@@ -75,14 +73,6 @@ def parse_bytes(value: Any, name: str = "memory_budget") -> int:
     if n <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _as_ids(ids: Any, n: int) -> np.ndarray:
@@ -129,21 +119,25 @@ def _writer(method):
     return locked
 
 
-def read_manifest(path: Path, fmt: str, max_version: int, what: str) -> dict:
-    """A tlfast JSON manifest at ``path``: missing -> FileNotFoundError; unreadable, of another
-    format, or from a newer tlfast -> ValueError naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a tlfast {what}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is corrupted ({exc}); re-save the {what}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a tlfast {what} manifest")
-    if meta.get("format_version", 0) > max_version:
-        raise ValueError(f"{path} has format version {meta['format_version']}; this tlfast reads up to "
-                         f"{max_version} (upgrade tlfast)")
-    return meta
+# What a saved index's manifest.json must hold (``_persist.read_manifest`` checks it on load and
+# before ``overwrite`` replaces a folder); every file of the folder is one of ``files``.
+KIND = _persist.Kind(FORMAT, "index", FORMAT_VERSION, schema={
+    "metric": _persist.is_str(METRICS), "dim": _persist.is_int(1), "dtype": _persist.is_str(_DTYPES),
+    "count": _persist.is_int(1), "kind": _persist.is_str(), "params": _persist.is_instance(dict),
+    "files": _persist.is_files}, listed=lambda meta: meta["files"])
+
+
+def _check_loaded_ids(ids: np.ndarray, count: int, where: Path) -> np.ndarray:
+    """Ids read from ``where``: int64 (count,), unique, >= 0 -- as ``add`` guarantees."""
+    if ids.dtype.kind not in "iu" or ids.shape != (count,):
+        raise ValueError(f"{where} holds {ids.dtype} {ids.shape} ids for {count} vectors; re-save the index")
+    ids = ids.astype(np.int64, copy=False)
+    ordered = np.sort(ids)  # sort + neighbour compare: np.unique (numpy 2.4) is ~30x slower here
+    if count and (ordered[0] < 0 or bool((ordered[1:] == ordered[:-1]).any())):
+        raise ValueError(f"{where} holds negative or duplicate ids; every vector needs its own id >= 0 "
+                         f"(re-save the index)")
+    return ids
+
 
 class Index:
     """Vectors to search, with ids, persistence and out-of-core search.
@@ -199,6 +193,7 @@ class Index:
         self._compacting = Mutex()
         # max |x| of the stored rows (ip / l2 range safety), valid while _count == _abs_max_count.
         self._abs_max, self._abs_max_count = 0.0, 0
+        self._mapped_files: list[_persist.MappedFile] = []  # size-checked before every block is read
 
     # ------------------------------------------------------------------ building
     def __len__(self) -> int:
@@ -349,6 +344,7 @@ class Index:
         if index is None or index._count == 0:
             raise ValueError("store is empty; extract some features into it first")
         index._mapped = True
+        index._mapped_files = list(getattr(store, "mapped_files", list)())
         if index._count != len(store):
             raise ValueError(f"store reports {len(store)} rows but its shards hold {index._count}; "
                              f"the store is inconsistent (re-open or rebuild it)")
@@ -378,6 +374,8 @@ class Index:
         for seg in segments:
             step = seg.shape[0] if rows is None else rows
             for lo in range(0, seg.shape[0], step):
+                for mapped in self._mapped_files:  # a truncated map would be SIGBUS: an error instead
+                    mapped.check()
                 yield start + lo, seg[lo:lo + step]
             start += seg.shape[0]
 
@@ -502,14 +500,18 @@ class Index:
             new.params = dict(self.params)
             new._segments = list(self._segments)
             new._ids = None if self._ids is None else list(self._ids)
+            new._mapped_files = list(self._mapped_files)  # the same maps, so the same size checks
             new._ann = copy.deepcopy(self._ann)
         return new
 
     def __getstate__(self) -> dict:
         with self._lock.read():
+            for mapped in self._mapped_files:  # the pickle reads every mapped row: not from a truncated file
+                mapped.check()
             state = dict(self.__dict__)
             state["_segments"] = list(self._segments)
             state["_ids"] = None if self._ids is None else list(self._ids)
+            state["_mapped_files"] = []  # open file descriptors belong to this process and this object
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -527,102 +529,95 @@ class Index:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index to the directory ``path``: ``manifest.json`` (format version, metric, dim,
         dtype, count, kind, params, sha256 and size of every file) plus ``vectors.npy`` / ``ids.npy``
-        (or the approximate index's own files).  Everything is written into a temporary directory
-        beside ``path`` and renamed into place, so a crash never leaves a half-written index.
+        (or the approximate index's own files).
+
+        Atomic: everything is written into a staging folder beside ``path`` and swapped into place
+        in one step, so ``path`` is at every instant the old index or the new one, and what a killed
+        save leaves behind is removed by the next save or load.  ``overwrite=True`` replaces only a
+        saved index (a folder whose manifest says so and that holds nothing else); any other
+        folder or file at ``path`` raises ``FileExistsError``.  Write failures (a full disk) are
+        ``OSError``s naming the file.  See docs/design/durability.md.
         """
         path = Path(path)
         if self._count == 0:
             raise ValueError("the index is empty; add vectors before saving")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved index is an ordinary folder
-        try:
-            names = self._write_data(tmp)
-            files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
-            with open(tmp / MANIFEST, "w") as f:
-                json.dump(self._manifest(files), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.rename(path, old / path.name)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _persist.staging(path, KIND, overwrite=overwrite) as stage:
+            files = self._write_data(stage)
+            _persist.write_json(stage / MANIFEST, self._manifest(files))
         return path
 
-    def _write_data(self, directory: Path) -> list[str]:
-        names: list[str] = []
+    def _write_data(self, directory: Path) -> dict[str, dict]:
+        """Write the data files into ``directory``; {name: {"bytes", "sha256"}}."""
+        files: dict[str, dict] = {}
         if self.kind == "flat":
-            # Segment by segment into one memory-mapped file: saving never needs the corpus in RAM.
-            out = np.lib.format.open_memmap(directory / _VECTORS, mode="w+", dtype=_NPY_DTYPE[self.dtype],
-                                            shape=(self._count, self.dim))
-            for start, block in self._blocks(65536):
-                b = block.cpu()
-                out[start:start + b.shape[0]] = (b.view(torch.uint16) if self.dtype == "bfloat16" else b).numpy()
-            out.flush()
-            del out
-            names.append(_VECTORS)
+            def rows():  # segment by segment with plain writes: saving never needs the corpus in RAM
+                for _, block in self._blocks(_IO_ROWS):
+                    b = block.cpu()
+                    yield (b.view(torch.uint16) if self.dtype == "bfloat16" else b).numpy()
+
+            files[_VECTORS] = _persist.write_npy(directory / _VECTORS, rows(), _NPY_DTYPE[self.dtype],
+                                                 (self._count, self.dim))
         else:
-            names.extend(self._ann.save(str(directory)))
+            for name in self._ann.save(str(directory)):
+                _persist.check_name(name)
+                files[name] = _persist.file_record(directory / name)
         if self._ids is not None:
-            np.save(directory / _IDS, np.concatenate(self._ids))
-            names.append(_IDS)
-        return names
+            files[_IDS] = _persist.save_npy(directory / _IDS, np.concatenate(self._ids))
+        return files
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = False, device: str | torch.device = "cpu",
              verify: bool = True) -> "Index":
         """Open an index written by :meth:`save`.
 
-        Every file's size is checked, and its sha256 when ``verify`` (one sequential read); a
-        truncated or corrupted file raises ``ValueError`` naming it.  ``mmap=True`` leaves exact
-        vectors on disk (memory-mapped, read-only), for corpora larger than memory: search them
-        with ``memory_budget``.
+        The manifest is checked against its schema, every file it names must lie inside ``path``
+        (no ``..``, absolute paths or symlinks) and the folder must hold no file it does not list;
+        every file's size is checked, and its sha256 when ``verify`` (one sequential read), on the
+        descriptor that is then read or mapped.  Vectors are checked for the metric's domain (no
+        NaN / inf; for ``mmap`` only when ``verify``) and ids for duplicates.  Anything wrong
+        raises ``ValueError`` naming the file.  ``mmap=True`` leaves exact vectors on disk
+        (memory-mapped, read-only), for corpora larger than memory: search them with
+        ``memory_budget``; a mapped file truncated from outside makes the next search raise
+        ``ValueError`` instead of crashing.
         """
         path = Path(path)
-        meta = read_manifest(path / MANIFEST, FORMAT, FORMAT_VERSION, "index")
-        for name, rec in meta["files"].items():
-            f = path / name
-            if not f.is_file():
-                raise ValueError(f"index file {name!r} is missing from {path}")
-            size = f.stat().st_size
-            if size != rec["bytes"]:
-                raise ValueError(f"index file {name!r} in {path} is truncated or altered: {size} bytes, "
-                                 f"expected {rec['bytes']}; re-save the index")
-            if verify and _sha256(f) != rec["sha256"]:
-                raise ValueError(f"index file {name!r} in {path} is corrupted (sha256 mismatch); re-save the index")
-        count, dim, dtype = int(meta["count"]), int(meta["dim"]), meta["dtype"]
+        _persist.recover(path)
+        meta = _persist.read_manifest(path, KIND)
+        _persist.check_listing(path, meta["files"], "index")
+        count, dim, dtype = meta["count"], meta["dim"], meta["dtype"]
         index = cls(meta["metric"], dim=dim, dtype=dtype, device=device, kind=meta["kind"])
-        if index.kind == "flat":
-            arr = np.load(path / _VECTORS, mmap_mode="r" if mmap else None, allow_pickle=False)
-            if arr.shape != (count, dim) or arr.dtype != _NPY_DTYPE[dtype]:
-                raise ValueError(f"index file {_VECTORS!r} in {path} holds {arr.shape} {arr.dtype}, the manifest "
-                                 f"says ({count}, {dim}) {dtype}; re-save the index")
-            with warnings.catch_warnings():  # memory-mapped arrays are read-only; tlfast never writes them
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(arr)
-            if dtype == "bfloat16":
-                t = t.view(torch.bfloat16)
-            index._segments = [t if (mmap or index.device.type == "cpu") else t.to(index.device)]
-            index._mapped = mmap
-        else:
-            # ``params`` is the approximate index's own params() from save time, as load_index expects.
-            index.params = dict(meta["params"])
-            index._ann = index._ann_module().load_index(index.kind, str(path), index.params)
-        if _IDS in meta["files"]:
-            ids = np.load(path / _IDS, allow_pickle=False)
-            if ids.shape != (count,):
-                raise ValueError(f"index file {_IDS!r} in {path} holds {ids.shape} ids for {count} vectors")
-            index._ids = [ids.astype(np.int64, copy=False)]
+        if index.kind == "flat" and _VECTORS not in meta["files"]:
+            raise ValueError(f"{path / MANIFEST} lists no {_VECTORS!r}; the index is corrupted (re-save it)")
+        fds: dict[str, int] = {}
+        try:
+            for name, rec in meta["files"].items():
+                fds[name] = _persist.open_verified(_persist.inside(path, name), rec, verify=verify, what="index")
+            if index.kind == "flat":
+                arr, mapped = _persist.load_npy(fds.pop(_VECTORS), path / _VECTORS, mmap_mode=mmap)
+                if arr.shape != (count, dim) or arr.dtype != _NPY_DTYPE[dtype]:
+                    raise ValueError(f"index file {_VECTORS!r} in {path} holds {arr.shape} {arr.dtype}, the "
+                                     f"manifest says ({count}, {dim}) {dtype}; re-save the index")
+                with warnings.catch_warnings():  # memory-mapped arrays are read-only; tlfast never writes them
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.from_numpy(arr)
+                if dtype == "bfloat16":
+                    t = t.view(torch.bfloat16)
+                if verify or not mmap:
+                    for lo in range(0, count, _IO_ROWS):
+                        check_domain(t[lo:lo + _IO_ROWS], f"index file {path / _VECTORS}", index.metric)
+                index._segments = [t if (mmap or index.device.type == "cpu") else t.to(index.device)]
+                index._mapped = mmap
+                index._mapped_files = [mapped] if mapped is not None else []
+            else:
+                # ``params`` is the approximate index's own params() from save time, as load_index expects.
+                index.params = dict(meta["params"])
+                index._ann = index._ann_module().load_index(index.kind, str(path), index.params)
+            if _IDS in fds:
+                ids, _ = _persist.load_npy(fds.pop(_IDS), path / _IDS, mmap_mode=False)
+                index._ids = [_check_loaded_ids(ids, count, path / _IDS)]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         index._count = count
         return index
 

@@ -3,14 +3,18 @@
 Layout of a store folder::
 
     manifest.json        {"format": "tlfast.features/1", "model", "dim", "dtype", "count",
-                          "normalize", "shard_size", "shards": [{"file", "rows", "sha256"}, ...]}
+                          "normalize", "shard_size", "data_sha256", "model_sha256",
+                          "shards": [{"file", "rows", "bytes", "sha256"}, ...]}
     shard-00000.npy ...  (rows, dim) arrays, rows in input order across shards
-    .progress/           while writing only: the job description and one record per finished shard
 
-Every file is written to a temp file in the same folder and renamed into place, so a reader (or a
-resumed writer) sees whole files or none.  A shard counts as finished when its record exists,
-and the record is written only after the shard's rename; a rerun therefore skips finished shards
-and recomputes only the rest.  The manifest is written last: a folder without one is unfinished.
+While an extraction runs, everything lives beside the target in ``.<name>.tlfast-partial/``:
+``job.json`` (what is being extracted: model, data and precision fingerprints), ``records/``
+(one record per finished shard, written after the shard's rename) and ``store/`` (the shards).
+A rerun with the same job skips the finished shards; once all are there the manifest is written
+and ``store/`` is committed at the target in one step (``_persist.commit``), so the target is at
+every instant the previous store or the new complete one.  A rerun with a different job (other
+data, model weights or precision) is refused rather than mixing the two; see
+docs/design/durability.md.
 """
 from __future__ import annotations
 
@@ -19,50 +23,39 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import _persist
+
 __all__ = ["FeatureStore", "write_store"]
 
 FORMAT = "tlfast.features/1"
-MANIFEST = "manifest.json"
-PROGRESS = ".progress"
+MANIFEST = _persist.MANIFEST
+_PARTIAL = ".tlfast-partial"
 _DTYPES = ("float32", "float16")
+# The job fields that must agree for a store (or an interrupted run) to be reused.
+_JOB_KEYS = ("model", "count", "shard_size", "dtype", "normalize", "data_sha256", "model_sha256")
+
+KIND = _persist.Kind(FORMAT, "feature store", None, schema={
+    "dim": _persist.is_int(1), "dtype": _persist.is_str(_DTYPES), "count": _persist.is_int(1),
+    "shards": _persist.is_list(_persist.is_record({"file": _persist.check_name, "rows": _persist.is_int(1),
+                                                   "sha256": _persist.is_sha256}))},
+    optional={"model": _persist.is_str()},
+    listed=lambda meta: [s["file"] for s in meta["shards"]])
 
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+def partial_path(root: Path) -> Path:
+    """Where an unfinished extraction into ``root`` keeps its work."""
+    root = Path(os.path.abspath(root))
+    return root.parent / f".{root.name}{_PARTIAL}"
 
 
 def _dist() -> tuple[int, int, Any]:
@@ -87,18 +80,13 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True):
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
+        _persist.recover(self.path)
+        if not (self.path / MANIFEST).is_file():
             hint = (" (extraction was interrupted: rerun extract_to with the same arguments to finish it)"
-                    if (self.path / PROGRESS).is_dir() else "")
+                    if partial_path(self.path).is_dir() else "")
             raise FileNotFoundError(f"no feature store at {os.fspath(self.path)!r}: {MANIFEST} is missing{hint}")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{manifest_path} is not valid JSON ({exc}); the store is corrupted") from exc
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path} is not a tlfast feature store manifest (format "
-                             f"{self.manifest.get('format')!r}, expected {FORMAT!r})")
+        self.manifest = _persist.read_manifest(self.path, KIND)
+        _persist.check_listing(self.path, KIND.listed(self.manifest), "feature store")
         self.verify = verify
         self.dim = int(self.manifest["dim"])
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -108,9 +96,9 @@ class FeatureStore:
         rows = [int(s["rows"]) for s in self._shards]
         self._offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         if int(self._offsets[-1]) != int(self.manifest["count"]):
-            raise ValueError(f"{manifest_path}: shard rows sum to {int(self._offsets[-1])}, not count="
+            raise ValueError(f"{self.path / MANIFEST}: shard rows sum to {int(self._offsets[-1])}, not count="
                              f"{self.manifest['count']}; the manifest is corrupted")
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, tuple[np.ndarray, _persist.MappedFile | None]] = {}
 
     # A store pickles and copies as a reference to its folder: the shard maps are not carried
     # (that would copy every row into the pickle); the copy reopens (and verifies) them on use.
@@ -139,28 +127,34 @@ class FeatureStore:
     def shard(self, i: int) -> np.ndarray:
         """Shard ``i`` as a read-only memory map of shape (rows, dim)."""
         if i in self._maps:
-            return self._maps[i]
+            arr, mapped = self._maps[i]
+            if mapped is not None:
+                mapped.check()  # truncated from outside since it was mapped: an error, not SIGBUS
+            return arr
         if not 0 <= i < len(self._shards):
             raise IndexError(f"shard index {i} out of range for {len(self._shards)} shards")
         rec = self._shards[i]
-        file = self.path / rec["file"]
-        if not file.is_file():
-            raise FileNotFoundError(f"shard {rec['file']} of the feature store {os.fspath(self.path)!r} is missing; "
-                                    f"re-extract the store")
-        if self.verify and sha256_file(file) != rec["sha256"]:
-            raise ValueError(f"shard {rec['file']} of the feature store {os.fspath(self.path)!r} is corrupted "
-                             f"(sha256 does not match the manifest); delete it and rerun extract_to, or "
-                             f"re-extract the store")
+        where = f"shard {rec['file']} of the feature store {os.fspath(self.path)!r}"
         try:
-            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            fd = _persist.open_verified(_persist.inside(self.path, rec["file"]), rec, verify=self.verify,
+                                        what="feature store")
         except ValueError as exc:
-            raise ValueError(f"shard {rec['file']} of the feature store {os.fspath(self.path)!r} is corrupted "
-                             f"({exc})") from exc
+            if "is missing" in str(exc):
+                raise FileNotFoundError(f"{where} is missing; re-extract the store") from None
+            raise ValueError(f"{where} is corrupted ({exc}); delete the store and rerun extract_to") from None
+        try:
+            arr, mapped = _persist.load_npy(fd, self.path / rec["file"], mmap_mode=True)
+        except ValueError as exc:
+            raise ValueError(f"{where} is corrupted ({exc})") from exc
         if arr.shape != (int(rec["rows"]), self.dim) or arr.dtype != self.dtype:
             raise ValueError(f"shard {rec['file']} has shape {arr.shape} {arr.dtype}, the manifest says "
                              f"({rec['rows']}, {self.dim}) {self.dtype}; the store is corrupted")
-        self._maps[i] = arr
+        self._maps[i] = (arr, mapped)
         return arr
+
+    def mapped_files(self) -> list[_persist.MappedFile]:
+        """The guards of the shards mapped so far (``Index.from_store`` checks them before each block)."""
+        return [m for _, m in self._maps.values() if m is not None]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """One (rows, dim) array per shard, in order (the unit of streaming work)."""
@@ -234,82 +228,208 @@ def write_store(extractor: Any, path: str | os.PathLike, data: Any, *, shard_siz
     if count == 0:
         raise ValueError("data is empty: pass at least one item to extract features from")
     root = Path(path)
+    partial = partial_path(root)
     rank, world, dist = _dist()
     job = {"format": FORMAT, "model": extractor.name, "count": count, "shard_size": shard_size, "dtype": dtype,
-           "normalize": extractor.normalize, "fingerprint": _fingerprint(data)}
-    progress_dir = root / PROGRESS
-    if rank == 0:
-        _prepare(root, progress_dir, job, overwrite)
-    if dist is not None:
-        dist.barrier()
-    if (root / MANIFEST).is_file():  # already complete and matching (checked by _prepare)
-        return FeatureStore(root)
+           "normalize": extractor.normalize, "data_sha256": data_fingerprint(data, _strings_are_paths(extractor)),
+           "model_sha256": model_fingerprint(extractor)}
+    lock = None
+    try:
+        if rank == 0:
+            done, lock = _prepare(root, partial, job, overwrite)
+        else:
+            done = False
+        if dist is not None:
+            flag = [done]
+            dist.broadcast_object_list(flag, src=0)
+            done = flag[0]
+        if done:  # already complete and matching (checked by _prepare)
+            return FeatureStore(root)
 
-    n_shards = math.ceil(count / shard_size)
-    for i in range(rank, n_shards, world):
-        record = progress_dir / f"{_shard_name(i)}.json"
-        file = root / _shard_name(i)
-        if record.is_file() and file.is_file():
-            continue  # finished by an earlier run
-        lo, hi = i * shard_size, min(count, (i + 1) * shard_size)
-        feats = extractor.extract(data[lo:hi], batch_size=batch_size, max_tokens=max_tokens, progress=progress)
-        arr = np.ascontiguousarray(feats.detach().cpu().numpy().astype(dtype, copy=False))
-        _atomic_write(file, lambda f, a=arr: np.save(f, a, allow_pickle=False))
-        _write_json(record, {"file": file.name, "rows": hi - lo, "dim": int(arr.shape[1]),
-                             "sha256": sha256_file(file)})
+        stage, records = partial / "store", partial / "records"
+        n_shards = math.ceil(count / shard_size)
+        for i in range(rank, n_shards, world):
+            record, file = records / f"{_shard_name(i)}.json", stage / _shard_name(i)
+            if record.is_file() and file.is_file():
+                continue  # finished by an earlier run of the same job
+            lo, hi = i * shard_size, min(count, (i + 1) * shard_size)
+            feats = extractor.extract(data[lo:hi], batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+            arr = np.ascontiguousarray(feats.detach().cpu().numpy().astype(dtype, copy=False))
+            _persist.write_file(file, lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            rec = {"file": file.name, "rows": hi - lo, "dim": int(arr.shape[1]), **_persist.file_record(file)}
+            _persist.write_file(record, lambda f, r=rec: f.write(json.dumps(r).encode()))
 
-    if dist is not None:
-        dist.barrier()
-    if rank == 0:
-        records = []
-        for i in range(n_shards):
-            record = progress_dir / f"{_shard_name(i)}.json"
-            if not record.is_file():
-                raise RuntimeError(f"shard {_shard_name(i)} was not written (a rank failed?); rerun extract_to")
-            records.append(json.loads(record.read_text()))
-        dims = {r.pop("dim") for r in records}
-        if len(dims) != 1:
-            raise RuntimeError(f"shards disagree on the feature dimension {sorted(dims)}; rerun with overwrite=True")
-        manifest = {**job, "dim": dims.pop(), "shards": records}
-        _write_json(root / MANIFEST, manifest)
-        shutil.rmtree(progress_dir, ignore_errors=True)
-    if dist is not None:
-        dist.barrier()
+        if dist is not None:
+            dist.barrier()
+        if rank == 0:
+            shards = []
+            for i in range(n_shards):
+                record = records / f"{_shard_name(i)}.json"
+                if not record.is_file():
+                    raise RuntimeError(f"shard {_shard_name(i)} was not written (a rank failed?); rerun extract_to")
+                shards.append(json.loads(record.read_text()))
+            dims = {r.pop("dim") for r in shards}
+            if len(dims) != 1:
+                raise RuntimeError(f"shards disagree on the feature dimension {sorted(dims)}; rerun with "
+                                   f"overwrite=True")
+            manifest = {**job, "dim": dims.pop(), "shards": shards}
+            _persist.write_file(stage / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            _persist.check_replaceable(root, KIND, overwrite)
+            _persist.commit(stage, root)
+            shutil.rmtree(partial, ignore_errors=True)
+        if dist is not None:
+            dist.barrier()
+    finally:
+        if lock is not None:
+            os.close(lock)
     return FeatureStore(root)
 
 
-def _fingerprint(data: Any) -> str | None:
-    """sha256 of the texts (cheap, and catches resuming with different data); None for images."""
-    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
-        h = hashlib.sha256()
-        for t in data:
-            h.update(t.encode("utf-8", "surrogatepass"))
-            h.update(b"\0")
-        return h.hexdigest()
-    return None
+def _strings_are_paths(extractor: Any) -> bool:
+    """Whether strings in the data name image files (their content then belongs to the fingerprint)."""
+    kind = getattr(extractor, "kind", None)
+    return kind == "image" or (kind == "module" and getattr(extractor, "tokenizer", None) is None)
 
 
-def _prepare(root: Path, progress_dir: Path, job: dict[str, Any], overwrite: bool) -> None:
-    """Create the folder, or check that what is there is this job (finished or to be resumed)."""
-    if overwrite and root.exists():
-        for child in [root / MANIFEST, progress_dir, *root.glob("shard-*.npy")]:
-            if child.is_dir():
-                shutil.rmtree(child)
-            elif child.exists():
-                child.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = root / MANIFEST
-    job_file = progress_dir / "job.json"
-    existing = json.loads(manifest.read_text()) if manifest.is_file() else \
-        json.loads(job_file.read_text()) if job_file.is_file() else None
-    if existing is not None:
-        mismatch = {k: (existing.get(k), v) for k, v in job.items() if existing.get(k) != v}
-        if mismatch:
-            raise ValueError(f"{os.fspath(root)!r} holds a different extraction ({mismatch}: existing vs new); use "
-                             f"another path or overwrite=True")
-        return
-    if any(root.glob("shard-*.npy")):
-        raise ValueError(f"{os.fspath(root)!r} has shard files but no manifest or progress record; use another "
-                         f"path or overwrite=True")
-    progress_dir.mkdir(exist_ok=True)
-    _write_json(job_file, job)
+class _Fingerprint:
+    """sha256 over typed, length-prefixed fields, so that no two different inputs feed the same bytes."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def field(self, tag: str, payload: bytes | memoryview = b"") -> None:
+        self.h.update(tag.encode())
+        self.h.update(len(payload).to_bytes(8, "little"))
+        self.h.update(payload)
+
+    def array(self, a: Any) -> None:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().contiguous()
+            self.field("tensor", f"{a.dtype}{tuple(a.shape)}".encode())
+            self.field("data", a.reshape(-1).view(torch.uint8).numpy().data if a.numel() else b"")
+        else:
+            a = np.ascontiguousarray(a)
+            self.field("array", f"{a.dtype.str}{a.shape}".encode())
+            self.field("data", a.reshape(-1).view(np.uint8).data if a.size else b"")
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def data_fingerprint(data: Any, strings_are_paths: bool) -> str:
+    """sha256 of what is being extracted, for every input kind: texts, token-id sequences, image
+    arrays / tensors (their bytes), PIL images (their pixels), image files (path, size and
+    modification time: a file edited in place is a different input).  Hashing runs at GB/s, far
+    faster than any model, so it is cheap next to the extraction it protects."""
+    import torch
+
+    fp = _Fingerprint()
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        fp.array(data)
+        return fp.hexdigest()
+    fp.field("sequence", str(len(data)).encode())
+    for i in range(len(data)):
+        item = data[i]
+        if isinstance(item, str) and not strings_are_paths:
+            fp.field("text", item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, (str, os.PathLike)):
+            st = os.stat(item)
+            fp.field("file", f"{os.path.abspath(item)}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogatepass"))
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            fp.array(_token_ids(item) if item.ndim == 1 else item)
+        elif hasattr(item, "tobytes") and hasattr(item, "mode") and hasattr(item, "size"):  # PIL.Image
+            fp.field("image", f"{item.mode}{item.size}".encode())
+            fp.field("data", item.tobytes())
+        elif isinstance(item, (list, tuple)):
+            fp.array(_token_ids(item))
+        else:
+            raise TypeError(f"data[{i}] is a {type(item).__name__}, which a feature store cannot fingerprint "
+                            f"(so it could not tell this data from other data on resume); pass texts, token "
+                            f"ids, image arrays or tensors, PIL images or file paths")
+    return fp.hexdigest()
+
+
+def _token_ids(seq: Any) -> np.ndarray:
+    """A token-id sequence as int64, so that lists, int32 arrays and tensors of one sequence agree."""
+    import torch
+
+    a = seq.detach().cpu().numpy() if isinstance(seq, torch.Tensor) else np.asarray(seq)
+    return a.astype(np.int64) if a.dtype.kind in "iu" else a
+
+
+def model_fingerprint(extractor: Any) -> str:
+    """sha256 of what turns data into features: the extractor's settings (name, kind, precision,
+    pooling, normalisation, sizes) and its weights (every parameter and buffer), or its ONNX
+    model file.  Two different networks under one name are two models."""
+    import torch
+
+    fp = _Fingerprint()
+    settings = {key: getattr(extractor, key, None) for key in
+                ("name", "kind", "backend", "dtype", "max_length", "image_size", "mean", "std", "normalize",
+                 "pooling")}
+    preprocess = getattr(extractor, "preprocess", None)
+    settings["preprocess"] = None if preprocess is None else getattr(preprocess, "__qualname__", repr(preprocess))
+    fp.field("settings", json.dumps(settings, sort_keys=True, default=str).encode())
+    encoder = getattr(extractor, "encoder", None)
+    if isinstance(encoder, torch.nn.Module):
+        for name, value in encoder.state_dict().items():
+            fp.field("param", name.encode())
+            fp.array(value)
+    session = getattr(extractor, "session", None)
+    model_path = getattr(session, "_model_path", None)
+    if model_path and os.path.isfile(model_path):
+        with open(model_path, "rb") as f:
+            fp.field("onnx", hashlib.file_digest(f, "sha256").digest())
+    return fp.hexdigest()
+
+
+def _differences(existing: dict, job: dict) -> list[str]:
+    return [k for k in _JOB_KEYS if existing.get(k) != job.get(k)]
+
+
+def _prepare(root: Path, partial: Path, job: dict[str, Any], overwrite: bool) -> tuple[bool, int | None]:
+    """Check what is at ``root`` and beside it; (True, None) when ``root`` already holds this job's
+    store, else (False, fd holding the lock of the partial folder, ready for the shards)."""
+    _persist.recover(root)
+    if os.path.lexists(root):
+        try:
+            existing = _persist.read_manifest(root, KIND)
+            _persist.check_listing(root, KIND.listed(existing), "feature store")
+        except (ValueError, FileNotFoundError):
+            _persist.check_replaceable(root, KIND, overwrite=True)  # empty -> fine; anything else: refused
+        else:
+            differ = _differences(existing, job)
+            if not differ:
+                shutil.rmtree(partial, ignore_errors=True)  # a run that finished but died before cleaning up
+                return True, None
+            if not overwrite:
+                raise ValueError(f"{os.fspath(root)!r} holds a different extraction (it differs in "
+                                 f"{', '.join(differ)}); use another path or overwrite=True")
+    if partial.is_dir():
+        lock = _persist.lock(partial)
+        if lock is None:
+            raise RuntimeError(f"another process is extracting into {os.fspath(root)!r} (it holds "
+                               f"{os.fspath(partial)!r}); wait for it or use another path")
+        try:
+            previous = json.loads((partial / "job.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and not _differences(previous, job):
+            return False, lock  # resume
+        if previous is not None and not overwrite:
+            os.close(lock)
+            raise ValueError(f"an interrupted extraction into {os.fspath(root)!r} of a different job (it differs "
+                             f"in {', '.join(_differences(previous, job))}) is in {os.fspath(partial)!r}; rerun "
+                             f"with its data and model to finish it, or pass overwrite=True to discard it")
+        os.close(lock)
+        shutil.rmtree(partial)
+    with _persist.naming(partial, "creating"):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()
+        (partial / "store").mkdir()
+        (partial / "records").mkdir()
+    lock = _persist.lock(partial)
+    _persist.write_file(partial / "job.json", lambda f: f.write(json.dumps(job).encode()))
+    return False, lock

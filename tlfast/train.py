@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -21,7 +21,10 @@ from . import domain
 from .metrics import METRICS
 from .ops import knn
 
-__all__ = ["KNNClassifier", "LinearProbe", "transfer"]
+__all__ = ["KNNClassifier", "KNNRegressor", "LinearProbe", "RidgeProbe", "transfer"]
+
+# Rows per chunk of RidgeProbe's float64 Gram accumulation: O(chunk * d) extra memory.
+_RIDGE_CHUNK = 16384
 
 
 def _distance(values: np.ndarray, metric: str) -> np.ndarray:
@@ -34,45 +37,43 @@ def _distance(values: np.ndarray, metric: str) -> np.ndarray:
     return values
 
 
-class KNNClassifier(ClassifierMixin, BaseEstimator):
-    """k-nearest-neighbour classifier on tlfast's fused exact kNN kernels.
+def _vote_weights(values: np.ndarray, metric: str, weights: str, temperature: float) -> np.ndarray:
+    """(n, k) float64 weights of the neighbours whose metric values are ``values``.
 
-    Equivalent to ``sklearn.neighbors.KNeighborsClassifier(n_neighbors=k, algorithm="brute")`` with
-    the matching metric ("cosine" <-> "cosine", "l2" <-> "euclidean"); neighbours at exactly equal
-    distance are ordered by training index.  ``weights="distance"`` weights votes by 1 / distance
-    (1 - cos for cosine, Euclidean for l2, the divergence for kl / js); training points at distance
-    0 then take all the weight, as in scikit-learn.  Uses min(k, n_samples) neighbours.
-
-    Args:
-        k: neighbours per prediction.
-        metric: "cosine", "l2", "ip", "kl" or "js" (see ``tlfast.METRICS``).
-        weights: "uniform" or "distance" (not for "ip", which has no distance).
-        backend: as in :func:`tlfast.knn`.
+    "uniform": 1.  "distance": 1 / distance (see :func:`_distance`); where a row has neighbours at
+    distance 0, those take all the weight, as in scikit-learn.  "softmax": exp(s / T) with s the
+    similarity (cos or ⟨q, c⟩) or minus the metric value for the divergence-like metrics (squared
+    l2, kl, js) - DINO's weighted kNN; shifted by the row maximum before exp, which the
+    normalisation cancels, so no row overflows.
     """
+    values = values.astype(np.float64)
+    if weights == "uniform":
+        return np.ones(values.shape)
+    if weights == "distance":
+        d = _distance(values, metric)
+        zero = d == 0
+        with np.errstate(divide="ignore"):
+            return np.where(zero.any(axis=1, keepdims=True), zero.astype(np.float64), 1.0 / d)
+    score = values if METRICS[metric].larger_is_better else -values
+    return np.exp((score - score.max(axis=1, keepdims=True)) / temperature)
+
+
+class _KNNBase(BaseEstimator):
+    """The neighbour search KNNClassifier and KNNRegressor share."""
 
     _parameter_constraints: dict = {
         "k": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions(set(METRICS))],
-        "weights": [StrOptions({"uniform", "distance"})],
+        "weights": [StrOptions({"uniform", "distance", "softmax"})],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
         "backend": [str],
     }
 
-    def __init__(self, k: int = 5, metric: str = "cosine", weights: str = "uniform", backend: str = "auto"):
-        self.k = k
-        self.metric = metric
-        self.weights = weights
-        self.backend = backend
-
-    def fit(self, X: Any, y: Any) -> "KNNClassifier":
+    def _check_params(self) -> None:
         self._validate_params()
         if self.weights == "distance" and self.metric == "ip":
             raise ValueError("weights='distance' needs a distance and metric='ip' has none; "
-                             "use weights='uniform' or metric='cosine'")
-        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
-        check_classification_targets(y)
-        self.classes_, self._y = np.unique(y, return_inverse=True)
-        self._fit_X = self._prepare(X)
-        return self
+                             "use weights='uniform' or 'softmax', or metric='cosine'")
 
     def _prepare(self, X: np.ndarray) -> np.ndarray:
         """float32 rows for the kernel (it computes in float32).  Cosine runs as ``ip`` on unit rows
@@ -93,15 +94,53 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         res = knn(self._prepare(X), self._fit_X, k, metric, backend=self.backend)
         return res.values, res.indices
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def _neighbour_weights(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         values, idx = self.kneighbors(X)
-        if self.weights == "uniform":
-            w = np.ones(values.shape, dtype=np.float64)
-        else:
-            d = _distance(values.astype(np.float64), self.metric)
-            zero = d == 0
-            with np.errstate(divide="ignore"):
-                w = np.where(zero.any(axis=1, keepdims=True), zero.astype(np.float64), 1.0 / d)
+        return _vote_weights(values, self.metric, self.weights, self.temperature), idx
+
+
+class KNNClassifier(ClassifierMixin, _KNNBase):
+    """k-nearest-neighbour classifier on tlfast's fused exact kNN kernels.
+
+    Equivalent to ``sklearn.neighbors.KNeighborsClassifier(n_neighbors=k, algorithm="brute")`` with
+    the matching metric ("cosine" <-> "cosine", "l2" <-> "euclidean"); neighbours at exactly equal
+    distance are ordered by training index.  ``weights="distance"`` weights votes by 1 / distance
+    (1 - cos for cosine, Euclidean for l2, the divergence for kl / js); training points at distance
+    0 then take all the weight, as in scikit-learn.  Uses min(k, n_samples) neighbours.
+
+    ``weights="softmax"`` is the weighted kNN of self-supervised evaluation (Wu et al. 2018; DINO,
+    Caron et al. 2021, and DINOv2 use it to score frozen features): each neighbour votes
+    exp(sim / T) for its class and ``predict_proba`` is the normalised vote.  DINO's protocol is
+    ``KNNClassifier(k=20, metric="cosine", weights="softmax", temperature=0.07)`` on its features
+    (DINO also L2-normalises them, which cosine does).  For l2 / kl / js the vote is
+    exp(-value / T) (value: squared L2 or the divergence).
+
+    Args:
+        k: neighbours per prediction (DINO: 20).
+        metric: "cosine", "l2", "ip", "kl" or "js" (see ``tlfast.METRICS``).
+        weights: "uniform", "distance" (not for "ip", which has no distance) or "softmax".
+        temperature: T of the softmax weights (DINO: 0.07); unused by the other weightings.
+        backend: as in :func:`tlfast.knn`.
+    """
+
+    def __init__(self, k: int = 5, metric: str = "cosine", weights: str = "uniform", temperature: float = 0.07,
+                 backend: str = "auto"):
+        self.k = k
+        self.metric = metric
+        self.weights = weights
+        self.temperature = temperature
+        self.backend = backend
+
+    def fit(self, X: Any, y: Any) -> "KNNClassifier":
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
+        self.classes_, self._y = np.unique(y, return_inverse=True)
+        self._fit_X = self._prepare(X)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        w, idx = self._neighbour_weights(X)
         proba = np.zeros((idx.shape[0], self.classes_.size))
         np.add.at(proba, (np.arange(idx.shape[0])[:, None], self._y[idx]), w)
         return proba / proba.sum(axis=1, keepdims=True)
@@ -109,6 +148,125 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         proba = self.predict_proba(X)  # checks fitted before classes_ is touched
         return self.classes_[proba.argmax(axis=1)]
+
+
+class KNNRegressor(RegressorMixin, _KNNBase):
+    """k-nearest-neighbour regression on tlfast's fused exact kNN kernels: the prediction is the
+    weighted mean Σ w_j y_j / Σ w_j of the k nearest training targets.
+
+    Equivalent to ``sklearn.neighbors.KNeighborsRegressor(n_neighbors=k, algorithm="brute")`` with
+    the matching metric and ``weights`` "uniform" / "distance"; "softmax" weights are exp(sim / T)
+    as in :class:`KNNClassifier`.  Multi-output: ``y`` may be (n,) or (n, n_targets), and
+    ``predict`` returns the same rank.
+
+    Args:
+        k: neighbours per prediction.
+        metric: "cosine", "l2", "ip", "kl" or "js".
+        weights: "uniform", "distance" (not for "ip") or "softmax".
+        temperature: T of the softmax weights.
+        backend: as in :func:`tlfast.knn`.
+    """
+
+    def __init__(self, k: int = 5, metric: str = "cosine", weights: str = "uniform", temperature: float = 0.07,
+                 backend: str = "auto"):
+        self.k = k
+        self.metric = metric
+        self.weights = weights
+        self.temperature = temperature
+        self.backend = backend
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> "KNNRegressor":
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], multi_output=True, y_numeric=True)
+        y = np.asarray(y, dtype=np.float64)
+        self._y_1d = y.ndim == 1
+        self._y = y.reshape(len(y), -1)
+        self._fit_X = self._prepare(X)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        w, idx = self._neighbour_weights(X)
+        pred = np.einsum("nk,nkt->nt", w, self._y[idx]) / w.sum(axis=1, keepdims=True)
+        return pred[:, 0] if self._y_1d else pred
+
+
+class RidgeProbe(RegressorMixin, BaseEstimator):
+    """Ridge regression on the features, in closed form: the regression counterpart of
+    :class:`LinearProbe`.
+
+    Minimises ‖y - Xw - b‖² + alpha ‖w‖² exactly as ``sklearn.linear_model.Ridge(alpha)``: with
+    ``fit_intercept`` the rows are centred, (XcᵀXc + alpha I) W = Xcᵀyc is solved by Cholesky in
+    float64 (XcᵀXc accumulated over row chunks, so n may be large; when n < d the n x n dual system
+    (XcXcᵀ + alpha I) C = yc, W = XcᵀC is solved instead) and b = ȳ - x̄ᵀW.  Multi-output:
+    ``coef_`` is (n_features,) for 1-D ``y`` and (n_targets, n_features) for 2-D, as in sklearn.
+
+    Args:
+        alpha: L2 penalty (> 0).
+        fit_intercept: fit b (else the data are taken as centred).
+        device: torch device for the solve ("cpu", "cuda").
+    """
+
+    _parameter_constraints: dict = {
+        "alpha": [Interval(Real, 0, None, closed="neither")],
+        "fit_intercept": ["boolean"],
+        "device": [str, torch.device],
+    }
+
+    def __init__(self, alpha: float = 1.0, fit_intercept: bool = True, device: str = "cpu"):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.device = device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> "RidgeProbe":
+        self._validate_params()
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], multi_output=True, y_numeric=True)
+        dev = torch.device(self.device)
+        x = torch.as_tensor(X, device=dev)
+        t = torch.as_tensor(np.asarray(y, dtype=np.float64), device=dev)
+        t2 = t.reshape(len(t), -1)
+        n, d = x.shape
+        f64 = torch.float64
+        x_mean = torch.zeros(d, dtype=f64, device=dev)
+        for i in range(0, n, _RIDGE_CHUNK):
+            x_mean += x[i:i + _RIDGE_CHUNK].to(f64).sum(0)
+        x_mean = x_mean / n if self.fit_intercept else x_mean.zero_()
+        y_mean = t2.mean(0) if self.fit_intercept else torch.zeros(t2.shape[1], dtype=f64, device=dev)
+        yc = t2 - y_mean
+        if n < d:
+            xc = x.to(f64) - x_mean
+            gram = xc @ xc.T
+            gram.diagonal().add_(self.alpha)
+            coef = xc.T @ torch.cholesky_solve(yc, torch.linalg.cholesky(gram))
+        else:
+            gram = torch.zeros(d, d, dtype=f64, device=dev)
+            xty = torch.zeros(d, t2.shape[1], dtype=f64, device=dev)
+            for i in range(0, n, _RIDGE_CHUNK):
+                xc = x[i:i + _RIDGE_CHUNK].to(f64) - x_mean
+                gram += xc.T @ xc
+                xty += xc.T @ yc[i:i + _RIDGE_CHUNK]
+            gram.diagonal().add_(self.alpha)
+            coef = torch.cholesky_solve(xty, torch.linalg.cholesky(gram))
+        coef_np = coef.T.cpu().numpy()
+        intercept_np = (y_mean - x_mean @ coef).cpu().numpy()
+        self.coef_ = coef_np[0] if t.dim() == 1 else coef_np
+        # sklearn's shapes: a float for 1-D y or without an intercept, else one per target.
+        self.intercept_ = intercept_np if self.fit_intercept and t.dim() == 2 else float(intercept_np[0])
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -193,24 +351,30 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
 
 def transfer(source_x: Any, source_y: Any, target_x: Any, *, method: str = "knn", align: str | None = None,
-             **params: Any) -> np.ndarray:
-    """Labels for ``target_x`` from a classifier trained on the labelled source domain.
+             task: str = "classification", **params: Any) -> np.ndarray:
+    """Labels (or regression targets) for ``target_x`` from a model trained on the labelled source domain.
 
     Args:
-        source_x, source_y: labelled source features (n, d) and labels (n,).
+        source_x, source_y: labelled source features (n, d) and labels (n,) or targets (n,) / (n, t).
         target_x: unlabelled target features (m, d).
-        method: "knn" (:class:`KNNClassifier`) or "probe" (:class:`LinearProbe`); ``params`` go to it.
+        method: "knn" (:class:`KNNClassifier` / :class:`KNNRegressor`) or "probe" (:class:`LinearProbe`
+            / :class:`RidgeProbe`); ``params`` go to it.
         align: None, or "coral" to re-colour the source features to the target's covariance and
             mean first (:func:`tlfast.domain.coral`).
+        task: "classification" or "regression".
 
     Returns:
-        Predicted labels (m,), a numpy array of the source label type.
+        Predictions for the target rows, a numpy array: labels of the source label type, or real
+        targets of the source targets' shape.
     """
-    models = {"knn": KNNClassifier, "probe": LinearProbe}
-    if method not in models:
-        raise ValueError(f"method must be one of {sorted(models)}, got {method!r}")
+    models = {"classification": {"knn": KNNClassifier, "probe": LinearProbe},
+              "regression": {"knn": KNNRegressor, "probe": RidgeProbe}}
+    if task not in models:
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if method not in models[task]:
+        raise ValueError(f"method must be one of {sorted(models[task])}, got {method!r}")
     if align not in (None, "coral"):
         raise ValueError(f"align must be None or 'coral', got {align!r}")
     if align == "coral":
         source_x = domain.coral(source_x, target_x)
-    return models[method](**params).fit(source_x, source_y).predict(target_x)
+    return models[task][method](**params).fit(source_x, source_y).predict(target_x)

@@ -258,10 +258,14 @@ class Extractor:
         """Extract ``data`` into a :class:`tlfast.FeatureStore` at ``path`` and open it.
 
         Rows are written as ``.npy`` shards of ``shard_size`` rows plus ``manifest.json`` (model,
-        dim, dtype, count, normalisation, per-shard sha256); every file goes to a temp file that is
-        renamed when complete.  Running it again after an interruption skips the shards already
-        written.  Under ``torch.distributed``, rank r writes the shards with index % world_size
-        == r and rank 0 writes the manifest after a barrier.
+        dim, dtype, count, normalisation, per-shard size and sha256, and fingerprints of the data,
+        the weights and the precision).  The work happens beside ``path`` and the finished store is
+        committed in one step, so ``path`` holds the previous store or the complete new one.
+        Running it again after an interruption skips the shards already written; running it with
+        other data, weights or precision than the store (or the interrupted run) at ``path`` raises
+        ``ValueError`` unless ``overwrite=True``, which replaces only a feature store.  Under
+        ``torch.distributed``, rank r writes the shards with index % world_size == r and rank 0
+        commits the store after a barrier.  See docs/design/durability.md.
         """
         from ..store import write_store
 

@@ -1,0 +1,207 @@
+"""tlfast.transferability against direct computations: LogME against the numerically maximised
+Bayesian evidence, the other scores against tllib-form numpy ports, and rank_sources."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tlfast import transferability as tr
+from transferability_numpy import (hscore_tllib, leep_naive, log_evidence, logme_tllib, nce_naive,
+                                   regularized_hscore_tllib, transrate_tllib)
+
+scipy_optimize = pytest.importorskip("scipy.optimize")
+
+
+def _problem(n=83, d=7, classes=4, seed=0, informative=1.0):
+    """Features with class structure of a given strength (odd sizes on purpose)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    centres = rng.standard_normal((classes, d)) * informative
+    return (centres[y] + rng.standard_normal((n, d))).astype(np.float64), y
+
+
+def _max_evidence(f, target):
+    """max over (α, β) of the direct log evidence, by Nelder-Mead then L-BFGS on (log α, log β)."""
+    def neg(p):
+        return -log_evidence(f, target, np.exp(p[0]), np.exp(p[1]))
+
+    best = scipy_optimize.minimize(neg, [0.0, 0.0], method="Nelder-Mead",
+                                   options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 5000})
+    assert best.success, best.message
+    polished = scipy_optimize.minimize(neg, best.x, method="L-BFGS-B")
+    return -min(best.fun, polished.fun)
+
+
+def test_log_evidence_formula_equals_the_gaussian_marginal():
+    from scipy.stats import multivariate_normal
+
+    f, y = _problem(n=30, d=5)
+    t = (y == 1).astype(np.float64)
+    alpha, beta = 0.7, 2.3
+    cov = np.eye(30) / beta + f @ f.T / alpha
+    assert log_evidence(f, t, alpha, beta) == pytest.approx(multivariate_normal(np.zeros(30), cov).logpdf(t),
+                                                            rel=1e-12)
+
+
+@pytest.mark.parametrize("n,d,classes,informative", [(83, 7, 4, 1.0), (40, 61, 3, 0.5), (200, 12, 2, 3.0)])
+def test_logme_equals_the_numerically_maximised_evidence(n, d, classes, informative):
+    f, y = _problem(n, d, classes, informative=informative)
+    expected = np.mean([_max_evidence(f, (y == c).astype(np.float64)) for c in range(classes)]) / n
+    assert tr.logme(f, y) == pytest.approx(expected, rel=1e-6)
+
+
+def test_logme_regression_equals_the_maximised_evidence_per_target():
+    rng = np.random.default_rng(5)
+    f = rng.standard_normal((57, 9))
+    targets = np.stack([f @ rng.standard_normal(9) + 0.3 * rng.standard_normal(57),
+                        np.sin(f[:, 0]) + rng.standard_normal(57)], 1)
+    expected = np.mean([_max_evidence(f, targets[:, j]) for j in range(2)]) / 57
+    assert tr.logme(f, targets, regression=True) == pytest.approx(expected, rel=1e-6)
+    single = _max_evidence(f, targets[:, 0]) / 57
+    assert tr.logme(f, targets[:, 0], regression=True) == pytest.approx(single, rel=1e-6)
+
+
+def test_logme_close_to_tllib_and_ranks_informative_features_higher():
+    f, y = _problem(500, 16, 5, informative=2.0)
+    ours = tr.logme(f, y)
+    # tllib stops at a 1% change of α/β and adds 1e-5 to denominators: close, not equal.
+    assert ours == pytest.approx(logme_tllib(f, y), rel=1e-3)
+    weak, _ = _problem(500, 16, 5, seed=0, informative=0.2)
+    assert tr.logme(weak, y) < ours
+
+
+def test_logme_chunked_float32_and_torch_inputs(monkeypatch):
+    f, y = _problem(1001, 13, 6)
+    expected = tr.logme(f, y)
+    monkeypatch.setattr(tr, "_CHUNK", 97)  # many chunks, a ragged last one
+    assert tr.logme(f, y) == pytest.approx(expected, rel=1e-12)
+    assert tr.logme(f.astype(np.float32), y) == pytest.approx(expected, rel=1e-5)
+    assert tr.logme(torch.from_numpy(f).float(), torch.from_numpy(y)) == pytest.approx(expected, rel=1e-5)
+    labels = np.array(list("abcdef"))[y]  # any label type: classes by np.unique
+    assert tr.logme(f, labels) == pytest.approx(expected, rel=1e-12)
+
+
+def test_hscore_matches_tllib_form():
+    f, y = _problem(300, 10, 4)
+    assert tr.hscore(f, y) == pytest.approx(hscore_tllib(f, y), rel=1e-8)
+    assert tr.hscore(f, y, shrinkage=True) == pytest.approx(regularized_hscore_tllib(f, y), rel=1e-8)
+
+
+def test_regularised_hscore_stays_finite_when_d_exceeds_n(monkeypatch):
+    f, y = _problem(30, 80, 3)
+    monkeypatch.setattr(tr, "_CHUNK", 7)
+    assert tr.hscore(f, y, shrinkage=True) == pytest.approx(regularized_hscore_tllib(f, y), rel=1e-8)
+
+
+def test_transrate_matches_tllib_form(monkeypatch):
+    f, y = _problem(250, 9, 5)
+    monkeypatch.setattr(tr, "_CHUNK", 31)
+    assert tr.transrate(f, y) == pytest.approx(transrate_tllib(f, y), rel=1e-8)
+    assert tr.transrate(f, y, eps=0.1) == pytest.approx(transrate_tllib(f, y, eps=0.1), rel=1e-8)
+
+
+def test_nce_and_leep_match_naive_counting():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((211, 6)) * 2
+    theta = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = (theta.argmax(1) + (rng.random(211) < 0.3) * rng.integers(0, 4, 211)) % 4
+    assert tr.leep(theta, y) == pytest.approx(leep_naive(theta, y), rel=1e-10)
+    assert tr.nce(theta, y) == pytest.approx(nce_naive(theta.argmax(1), y), rel=1e-10)
+    assert tr.nce(theta.argmax(1), y) == tr.nce(theta, y)
+    # A source model whose labels determine the target's perfectly: NCE = 0, its maximum.
+    assert tr.nce(y, y) == 0.0
+    assert tr.leep(torch.from_numpy(theta), torch.from_numpy(y)) == pytest.approx(leep_naive(theta, y), rel=1e-10)
+
+
+def test_errors_name_the_argument():
+    f, y = _problem()
+    with pytest.raises(ValueError, match="83 rows"):
+        tr.logme(f, y[:-1])
+    with pytest.raises(ValueError, match="single class"):
+        tr.logme(f, np.zeros(83))
+    with pytest.raises(ValueError, match="2-D"):
+        tr.hscore(f[:, 0], y)
+    with pytest.raises(TypeError, match="floating"):
+        tr.logme(f.astype(np.int64), y)
+    bad = f.copy()
+    bad[50, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        tr.logme(bad, y)
+    with pytest.raises(ValueError, match="sum to 1"):
+        tr.leep(np.ones((83, 3)), y)
+    with pytest.raises(ValueError, match="eps"):
+        tr.transrate(f, y, eps=0)
+    with pytest.raises(ValueError, match="regression|y must"):
+        tr.logme(f, np.ones((82, 2)), regression=True)
+
+
+def test_centred_scores_keep_precision_on_large_mean_float32_features():
+    f, y = _problem(400, 12, 4)
+    shifted = (f + 50.0).astype(np.float32)  # post-ReLU-like: the mean dominates the second moment
+    ref = shifted.astype(np.float64)
+    assert tr.hscore(shifted, y) == pytest.approx(hscore_tllib(ref, y), rel=1e-4)
+    assert tr.hscore(shifted, y, shrinkage=True) == pytest.approx(regularized_hscore_tllib(ref, y), rel=1e-4)
+    few = shifted[:60]  # classes with fewer rows than... a coding rate that needs PSD Gram matrices
+    assert tr.transrate(few, y[:60]) == pytest.approx(transrate_tllib(few.astype(np.float64), y[:60]), rel=1e-4)
+
+
+def _tiny_extractor():
+    """A fixed random conv net as an Extractor over uint8 images (no weights to download)."""
+    import tlfast
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    return tlfast.Extractor.from_module(net, normalize=False, name="tinyconv")
+
+
+def test_rank_sources_sorts_best_first_and_extracts_only_the_sample():
+    import tlfast
+
+    f, y = _problem(300, 10, 3, informative=2.0)
+    noise = np.random.default_rng(9).standard_normal((300, 10))
+    images = np.random.default_rng(1).integers(0, 255, (300, 6, 6, 3), dtype=np.uint8)
+    ex = _tiny_extractor()
+    calls = []
+    real_extract = ex.extract
+    ex.extract = lambda data, **kw: calls.append(len(data)) or real_extract(data, **kw)
+    table = tlfast.rank_sources({"noise": noise, "good": torch.from_numpy(f), "tinyconv": ex}, images, y,
+                                sample=120)
+    assert [r.name for r in table][0] == "good" and len(table) == 3
+    assert [r.score for r in table] == sorted((r.score for r in table), reverse=True)
+    assert {r.name: r.dims for r in table} == {"noise": 10, "good": 10, "tinyconv": 8}
+    assert calls == [120] and all(r.seconds >= 0 for r in table)
+    # The sample is the same rows for every candidate: scores equal scoring those rows directly.
+    rows = np.sort(np.random.default_rng(0).choice(300, 120, replace=False))
+    good = next(r for r in table if r.name == "good")
+    assert good.score == pytest.approx(tr.logme(f[rows], y[rows]), rel=1e-9)
+    by_hscore = tlfast.rank_sources({"noise": noise, "good": f}, y=y, metric="hscore_shrinkage")
+    assert by_hscore[0].name == "good"
+    with pytest.raises(ValueError, match="metric"):
+        tlfast.rank_sources({"a": f}, y=y, metric="leep")
+    with pytest.raises(ValueError, match="pass the inputs"):
+        tlfast.rank_sources([ex], None, y)
+    with pytest.raises(ValueError, match="rows"):
+        tlfast.rank_sources({"a": f[:10]}, y=y)
+    with pytest.raises(TypeError, match="mapping"):
+        tlfast.rank_sources([f], y=y)
+
+
+def test_cli_rank(tmp_path, capsys):
+    from tlfast.cli import main
+
+    f, y = _problem(200, 8, 3, informative=2.0)
+    np.save(tmp_path / "labels.npy", y)
+    np.save(tmp_path / "good.npy", f.astype(np.float32))
+    np.save(tmp_path / "noise.npy", np.random.default_rng(3).standard_normal((200, 8)).astype(np.float32))
+    out = tmp_path / "rank.json"
+    assert main(["rank", str(tmp_path / "labels.npy"), str(tmp_path / "noise.npy"),
+                 f"best={tmp_path / 'good.npy'}", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | best |" in printed and "| 2 | noise |" in printed
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["best", "noise"] and rows[0]["dims"] == 8
+    assert main(["rank", str(tmp_path / "labels.npy"), "efficientnet_lite0"]) == 2
+    assert "--data" in capsys.readouterr().err

@@ -1,0 +1,515 @@
+"""Transferability estimation: score how well a source model's features will transfer to a labelled
+target task, before paying for fine-tuning (or for extracting the whole corpus).
+
+    tlfast.transferability.logme(features, y)                 # LogME (You et al., ICML 2021)
+    tlfast.transferability.hscore(features, y)                # H-score (Bao et al., ICIP 2019)
+    tlfast.transferability.hscore(features, y, shrinkage=True)  # regularised H-score (Ibrahim et al., 2022)
+    tlfast.transferability.transrate(features, y)             # TransRate (Huang et al., ICML 2022)
+    tlfast.transferability.nce(source_probs, y)               # NCE (Tran et al., ICCV 2019)
+    tlfast.transferability.leep(source_probs, y)              # LEEP (Nguyen et al., ICML 2020)
+
+Larger is better for every score.  Everything runs in torch on the features' device (CPU or GPU).
+The feature-based scores need only the sufficient statistics of one pass over the rows in chunks —
+FᵀF (d x d), Fᵀ1, the per-class sums FᵀY (C x d) and the class counts — so memory is O(d² + C·d)
+beyond the features themselves, whatever n is (memory-mapped arrays are read chunk by chunk).
+Chunk products run in float32 (float64 for float64 input) and are summed in float64; the
+eigendecompositions and fixed points are float64.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ._validate import as_tensor
+
+__all__ = ["SourceScore", "hscore", "leep", "logme", "nce", "rank_sources", "transrate"]
+
+# Rows per chunk: big enough for BLAS to run at full rate, small enough that the float32 partial
+# products (summed over at most this many rows before the float64 accumulation) stay accurate.
+_CHUNK = 8192
+
+
+# ----------------------------------------------------------------------------------- inputs
+def _features(x: Any, name: str = "features") -> torch.Tensor:
+    t, _ = as_tensor(x, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, dim), got shape {tuple(t.shape)}")
+    if t.shape[0] < 2 or t.shape[1] < 1:
+        raise ValueError(f"{name} needs at least 2 rows and 1 column, got shape {tuple(t.shape)}")
+    return t
+
+
+def _labels(y: Any, n: int, device: torch.device, name: str = "y") -> tuple[torch.Tensor, int]:
+    """(class codes 0..C-1 as int64 on ``device``, C) for any 1-D label array."""
+    arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} labels but the features have {n} rows")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    _, codes = np.unique(arr, return_inverse=True)
+    n_classes = int(codes.max()) + 1
+    if n_classes < 2:
+        raise ValueError(f"{name} has a single class; transferability needs at least 2")
+    return torch.from_numpy(codes.reshape(-1)).to(device), n_classes
+
+
+def _targets(y: Any, n: int, device: torch.device) -> torch.Tensor:
+    """Regression targets as a float64 (n, t) tensor."""
+    t = torch.as_tensor(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"y must be numeric regression targets, got dtype {t.dtype}")
+    t = t.to(torch.float64)
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != n:
+        raise ValueError(f"y must have shape ({n},) or ({n}, n_targets), got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("y contains NaN or inf")
+    return t.to(device)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# Column-block width of the symmetric FᵀF product: only the blocks on and above the diagonal are
+# computed (for d = 1024, 36 of 64 blocks), each still a full-rate GEMM.
+_GRAM_BLOCK = 128
+
+
+def _chunks(f: torch.Tensor):
+    """(start, rows as the working float dtype) over ``f``."""
+    work = _work_dtype(f)
+    for i in range(0, f.shape[0], _CHUNK):
+        yield i, f[i:i + _CHUNK].to(work)
+
+
+def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str) -> None:
+    """gram += the upper block triangle of cᵀc (float64); NaN / inf rows show on its diagonal."""
+    d = c.shape[1]
+    for j in range(0, d, _GRAM_BLOCK):
+        gram[j:j + _GRAM_BLOCK, j:] += (c[:, j:j + _GRAM_BLOCK].T @ c[:, j:]).to(gram.dtype)
+    diag = torch.diagonal(gram)
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "
+                         f"too large to square in {c.dtype}); clean or drop them")
+
+
+def _symmetrise(gram: torch.Tensor) -> torch.Tensor:
+    """The full matrix from its upper triangle (the blocks below the diagonal were never written)."""
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).T
+
+
+@dataclass
+class _Moments:
+    """One pass of sufficient statistics (float64) of the rows f_i - a: n, Σ, the Gram matrix, and per
+    column of the target matrix either the class sums / counts (classification) or the cross products
+    with Y / ΣY² (regression).  The shift a is 0 (LogME models the raw features) or, for the centred
+    scores, the first chunk's mean: then the later subtraction of n·μμᵀ removes a small term, not
+    the bulk of a large-mean (post-ReLU) feature's second moment."""
+
+    n: int
+    shift: torch.Tensor          # (d,)     a
+    total: torch.Tensor          # (d,)     Σ_i f_i
+    gram: torch.Tensor           # (d, d)   FᵀF
+    cross: torch.Tensor          # (C, d)   Yᵀ F: class sums, or FᵀY transposed for regression
+    y_sq: torch.Tensor           # (C,)     ‖Y_c‖²: class counts for one-hot Y
+    norm4: torch.Tensor | None = None   # Σ ‖f_i‖⁴         (Ledoit-Wolf only)
+    norm2_f: torch.Tensor | None = None  # Σ ‖f_i‖² f_i  (d,) (Ledoit-Wolf only)
+
+
+def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, targets: torch.Tensor | None = None,
+             fourth: bool = False, shift: bool = False, name: str = "features") -> _Moments:
+    n, d = f.shape
+    dev, f64 = f.device, torch.float64
+    work = _work_dtype(f)
+    a = f[:_CHUNK].to(work).mean(0) if shift else torch.zeros(d, dtype=work, device=dev)
+    gram = torch.zeros(d, d, dtype=f64, device=dev)
+    cross = torch.zeros(n_classes if targets is None else targets.shape[1], d, dtype=f64, device=dev)
+    ones = torch.ones(1, min(n, _CHUNK), dtype=work, device=dev)
+    total = torch.zeros(d, dtype=f64, device=dev)
+    norm4 = torch.zeros((), dtype=f64, device=dev)
+    norm2_f = torch.zeros(d, dtype=f64, device=dev)
+    for i, c in _chunks(f):
+        if shift:
+            c = c - a
+        _add_gram(gram, c, i, name)
+        rows = c.shape[0]
+        if targets is None:
+            # Class sums of this chunk in the working dtype (at most _CHUNK rows each), then float64.
+            part = torch.zeros(n_classes, d, dtype=work, device=dev)
+            cross += part.index_add_(0, codes[i:i + rows], c).to(f64)
+        else:
+            cross += (targets[i:i + rows].T.to(work) @ c).to(f64)
+            total += (ones[:, :rows] @ c)[0].to(f64)
+        if fourth:
+            c64 = c.to(f64)
+            sq = (c64 * c64).sum(1)
+            norm4 += (sq * sq).sum()
+            norm2_f += sq @ c64
+    gram = _symmetrise(gram)
+    if targets is None:
+        y_sq = torch.bincount(codes, minlength=n_classes).to(f64)
+        total = cross.sum(0)
+    else:
+        y_sq = (targets * targets).sum(0)
+    return _Moments(n, a.to(f64), total, gram, cross, y_sq, norm4 if fourth else None,
+                    norm2_f if fourth else None)
+
+
+# ----------------------------------------------------------------------------------- LogME
+def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 1000, tol: float = 1e-12) -> float:
+    """LogME: the maximised log evidence of Bayesian linear regression on the features, per sample,
+    averaged over the target columns (You et al., "LogME: Practical Assessment of Pre-trained Models
+    for Transfer Learning", ICML 2021).
+
+    For one target column y (a one-hot class indicator, or a regression target) and the model
+    y = F w + noise, w ~ N(0, α⁻¹I), noise ~ N(0, β⁻¹I), the log evidence is
+
+        L(α, β) = d/2 log α + n/2 log β - n/2 log 2π - ½ log|A| - β/2 ‖y - F m‖² - α/2 ‖m‖²,
+        A = αI + βFᵀF,  m = β A⁻¹ Fᵀ y,
+
+    maximised over (α, β) by MacKay's fixed point γ = Σ βs_i / (α + βs_i), α = γ / ‖m‖²,
+    β = (n - γ) / ‖y - Fm‖², with s_i the eigenvalues of FᵀF.  One eigendecomposition of FᵀF
+    (d x d) serves every column; in its eigenbasis (z = VᵀFᵀy) each step is O(d) per column and
+    runs for all columns at once:  ‖m‖² = Σ z²/(s+λ)²,  ‖y - Fm‖² = ‖y‖² - Σ z² (s+2λ)/(s+λ)²,
+    λ = α/β.  Unlike tllib's loop (at most 11 steps, 1% tolerance, ε = 1e-5 in the denominators),
+    the fixed point is iterated to ``tol`` relative change in λ, so the value is the maximum of L.
+
+    Args:
+        features: (n, d) numpy array (memory-mapped is fine) or torch tensor, on CPU or GPU.
+        y: (n,) class labels; with ``regression=True``, (n,) or (n, t) real targets.
+        regression: treat ``y`` as real targets instead of classes.
+        max_iter, tol: fixed-point iterations and relative tolerance on λ = α/β.
+
+    Returns:
+        The mean over target columns of L(α*, β*) / n (larger is better).
+    """
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    f = _features(features)
+    n, d = f.shape
+    if regression:
+        mom = _moments(f, None, 0, targets=_targets(y, n, f.device))
+    else:
+        codes, n_classes = _labels(y, n, f.device)
+        mom = _moments(f, codes, n_classes)
+    return float(_logme_evidence(mom, max_iter, tol).mean())
+
+
+def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
+    """Per-column maximised log evidence / n, from the sufficient statistics."""
+    n = mom.n
+    d = mom.gram.shape[0]
+    s, v = torch.linalg.eigh(mom.gram)
+    s = s.clamp(min=0)
+    z = mom.cross @ v                                     # (C, d): VᵀFᵀy per column
+    # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
+    z = torch.where(s > s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
+    z2 = z * z
+    yy = mom.y_sq
+    tiny = torch.finfo(torch.float64).tiny
+    alpha = torch.ones_like(yy)
+    beta = torch.ones_like(yy)
+    lam = alpha / beta
+    for _ in range(max_iter):
+        sl = s + lam[:, None]                               # (C, d)
+        gamma = (s / sl).sum(1)
+        m_sq = (z2 / (sl * sl)).sum(1)
+        resid = (yy - (z2 * (s + 2 * lam[:, None]) / (sl * sl)).sum(1)).clamp(min=tiny)
+        alpha = gamma / m_sq.clamp(min=tiny)
+        beta = (n - gamma) / resid
+        new_lam = alpha / beta
+        done = bool(((new_lam - lam).abs() <= tol * lam).all())
+        lam = new_lam
+        if done:
+            break
+    # The evidence at the final (α, β), with m and the residual recomputed for them.
+    sl = s + lam[:, None]
+    m_sq = (z2 / (sl * sl)).sum(1)
+    resid = (yy - (z2 * (s + 2 * lam[:, None]) / (sl * sl)).sum(1)).clamp(min=tiny)
+    evidence = (d / 2 * torch.log(alpha) + n / 2 * torch.log(beta) - n / 2 * math.log(2 * math.pi)
+                - 0.5 * torch.log(alpha[:, None] + beta[:, None] * s).sum(1)
+                - beta / 2 * resid - alpha / 2 * m_sq)
+    return evidence / n
+
+
+# ----------------------------------------------------------------------------------- H-score
+def _ledoit_wolf(mom: _Moments, cov: torch.Tensor, mean: torch.Tensor) -> float:
+    """scikit-learn's Ledoit-Wolf shrinkage for the centred features, from one-pass moments.
+
+    Needs Σ_i ‖f_i - μ‖⁴, expanded so no second pass is needed:  with a = ‖f‖², b = fᵀμ, c = ‖μ‖²,
+    Σ (a - 2b + c)² = Σa² + 4Σb² + n c² - 4Σab + 2cΣa - 4cΣb,  Σb² = μᵀFᵀFμ,  Σab = (Σ a f)ᵀμ.
+    """
+    n, d = mom.n, cov.shape[0]
+    c = mean @ mean
+    sum_a = torch.diagonal(mom.gram).sum()
+    sum_b = mom.total @ mean
+    sum_b2 = mean @ mom.gram @ mean
+    sum_ab = mom.norm2_f @ mean
+    sum_x4 = mom.norm4 + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
+    mu = torch.trace(cov) / d
+    beta_ = sum_x4                         # Σ_jk ((X²)ᵀX²)_jk = Σ_i ‖x_i‖⁴
+    delta_ = (cov * cov).sum()             # ‖XᵀX / n‖²_F
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * torch.trace(cov) + d * mu * mu) / d
+    beta = torch.minimum(beta, delta)
+    return 0.0 if float(beta) == 0 else float(beta / delta)
+
+
+def hscore(features: Any, y: Any, shrinkage: bool = False) -> float:
+    """H-score: tr(cov(f)⁺ cov(E[f | y])) (Bao et al., "An Information-theoretic Approach to
+    Transferability in Task Transfer Learning", ICIP 2019).
+
+    cov(f) is the sample covariance (n - 1 denominator) and cov(E[f | y]) the covariance of the rows
+    replaced by their class means, Σ_c n_c (μ_c - μ)(μ_c - μ)ᵀ / (n - 1); the pseudo-inverse keeps
+    eigenvalues above 1e-15 of the largest, as tllib's ``np.linalg.pinv(rcond=1e-15)``.
+    ``shrinkage=True`` gives the regularised H-score of Ibrahim, Ponomareva & Mazumder ("Newer is
+    not always better", 2022), stable when d is large next to n: cov(f) is replaced by the
+    Ledoit-Wolf estimate cov_α = (1 - α) S + α tr(S)/d I (S: the biased covariance, α: the
+    Ledoit-Wolf shrinkage, as ``sklearn.covariance.LedoitWolf``) and the score is
+    tr(cov_α⁻¹ (1 - α) cov(E[f | y])).
+    """
+    f = _features(features)
+    n, d = f.shape
+    codes, n_classes = _labels(y, n, f.device)
+    mom = _moments(f, codes, n_classes, fourth=shrinkage, shift=True)
+    mean = mom.total / n                                  # of the shifted rows: μ - a
+    scatter = mom.gram - n * torch.outer(mean, mean)
+    between = mom.cross / mom.y_sq[:, None] - mean       # (C, d): μ_c - μ
+    if shrinkage:
+        emp = scatter / n
+        alpha = _ledoit_wolf(mom, emp, mean)
+        cov = (1 - alpha) * emp + alpha * torch.trace(emp) / d * torch.eye(d, dtype=emp.dtype, device=emp.device)
+        weight = 1 - alpha
+    else:
+        cov, weight = scatter / (n - 1), 1.0
+    w, u = torch.linalg.eigh(cov)
+    keep = w.abs() > 1e-15 * w.abs().max()
+    proj = between @ u[:, keep]
+    quad = (proj * proj / w[keep]).sum(1)                # (μ_c - μ)ᵀ cov⁺ (μ_c - μ)
+    return float(weight * (mom.y_sq * quad).sum() / (n - 1))
+
+
+# ----------------------------------------------------------------------------------- TransRate
+def _logdet_coding(gram: torch.Tensor, scale: float) -> torch.Tensor:
+    """log det(I + scale · gram) for a symmetric PSD gram, through its Cholesky factor."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(eye + scale * gram)
+    return 2 * torch.log(torch.diagonal(chol)).sum()
+
+
+def transrate(features: Any, y: Any, eps: float = 1e-4) -> float:
+    """TransRate (Huang et al., "Frustratingly Easy Transferability Estimation", ICML 2022), in
+    tllib's form: with Z the features centred by their mean and R(Z) = ½ log det(I + ZᵀZ / (n ε)),
+
+        TransRate = R(Z) - (1/C) Σ_c R(Z_c),   Z_c the rows of class c (n_c of them, scale 1 / (n_c ε)).
+
+    Two passes: the mean, then the Gram matrix of each class's centred rows, one class at a time in
+    chunks (memory O(d²) however many classes); ZᵀZ is their sum.  The rows are centred before
+    their products, so each Gram matrix is positive semi-definite to rounding even when the class
+    has fewer rows than dimensions.
+    """
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    f = _features(features)
+    n, d = f.shape
+    codes, n_classes = _labels(y, n, f.device)
+    f64 = torch.float64
+    total = torch.zeros(d, dtype=f64, device=f.device)
+    for i, c in _chunks(f):
+        part = c.sum(0).to(f64)
+        if not bool(torch.isfinite(part).all()):
+            raise ValueError(f"features contains NaN or inf (in rows {i}..{i + c.shape[0] - 1}); clean or drop them")
+        total += part
+    mean = (total / n).to(_work_dtype(f))
+    counts = torch.bincount(codes, minlength=n_classes)
+    order = torch.argsort(codes, stable=True)
+    bounds = torch.cumsum(counts, 0).tolist()
+    scatter = torch.zeros(d, d, dtype=f64, device=f.device)
+    start, class_rates = 0, torch.zeros((), dtype=f64, device=f.device)
+    for c in range(n_classes):
+        rows = order[start:bounds[c]]
+        gram_c = torch.zeros(d, d, dtype=f64, device=f.device)
+        for i in range(0, rows.shape[0], _CHUNK):
+            _add_gram(gram_c, f[rows[i:i + _CHUNK]].to(mean.dtype) - mean, i, "features")
+        gram_c = _symmetrise(gram_c)
+        scatter += gram_c
+        class_rates = class_rates + 0.5 * _logdet_coding(gram_c, 1.0 / (int(counts[c]) * eps))
+        start = bounds[c]
+    rate = 0.5 * _logdet_coding(scatter, 1.0 / (n * eps))
+    return float(rate - class_rates / n_classes)
+
+
+# ----------------------------------------------------------------------------------- NCE / LEEP
+def _source_probs(p: Any, n_rows: int | None = None) -> torch.Tensor:
+    t, _ = as_tensor(p, "source_probs")
+    if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"source_probs must be 2-D (n_samples, n_source_classes), got shape {tuple(t.shape)}")
+    t = t.to(torch.float64)
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError("source_probs must be finite and non-negative (softmax outputs of the source model)")
+    if not bool(torch.allclose(t.sum(1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-3)):
+        raise ValueError("source_probs rows must sum to 1 (tol 1e-3): pass softmax probabilities, not logits")
+    return t
+
+
+def nce(source: Any, y: Any) -> float:
+    """Negative Conditional Entropy -H(Y | Z) (Tran, Nguyen & Hassner, "Transferability and Hardness of
+    Supervised Classification Tasks", ICCV 2019), natural log, from the empirical joint of the source
+    model's hard labels Z and the target labels Y:  NCE = Σ_{z,y} P(z, y) log P(y | z)  (≤ 0).
+
+    ``source``: the source model's (n,) predicted labels, or its (n, K) probabilities (argmax taken).
+    """
+    if (isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 2):
+        z_codes = _source_probs(source).argmax(1).cpu().numpy()
+    else:
+        z_codes = np.asarray(source.cpu() if isinstance(source, torch.Tensor) else source)
+        if z_codes.ndim != 1:
+            raise ValueError(f"source must be (n,) labels or (n, K) probabilities, got shape {z_codes.shape}")
+    n = z_codes.shape[0]
+    y_codes, n_classes = _labels(y, n, torch.device("cpu"))
+    _, z_codes = np.unique(z_codes, return_inverse=True)
+    joint = torch.bincount(torch.from_numpy(z_codes.reshape(-1)) * n_classes + y_codes,
+                           minlength=(int(z_codes.max()) + 1) * n_classes).view(-1, n_classes).double() / n
+    cond = joint / joint.sum(1, keepdim=True)
+    nz = joint > 0
+    return float((joint[nz] * torch.log(cond[nz])).sum())
+
+
+def leep(source_probs: Any, y: Any) -> float:
+    """Log Expected Empirical Prediction (Nguyen et al., "LEEP: A New Measure to Evaluate
+    Transferability of Learned Representations", ICML 2020), natural log:
+
+        P(y, z) = (1/n) Σ_i θ_i(z) [y_i = y],  P(y | z) = P(y, z) / P(z),
+        LEEP = (1/n) Σ_i log Σ_z P(y_i | z) θ_i(z)   (≤ 0),
+
+    with θ_i the source model's (n, K) softmax probabilities on the target inputs.
+    """
+    theta = _source_probs(source_probs)
+    n = theta.shape[0]
+    codes, n_classes = _labels(y, n, theta.device)
+    joint = torch.zeros(n_classes, theta.shape[1], dtype=torch.float64, device=theta.device)
+    joint.index_add_(0, codes, theta)
+    joint /= n
+    cond = joint / joint.sum(0).clamp(min=torch.finfo(torch.float64).tiny)   # P(y | z), (C, K)
+    eep = (theta * cond[codes]).sum(1)
+    return float(torch.log(eep).mean())
+
+
+# ----------------------------------------------------------------------------------- choosing the source
+class SourceScore(NamedTuple):
+    """One row of :func:`rank_sources`' table."""
+
+    name: str
+    score: float
+    dims: int
+    seconds: float  # extraction (of the sample) + scoring
+
+
+# The scores rank_sources can use: those computed from features and target labels alone.
+RANKING_METRICS = {
+    "logme": lambda f, y, regression: logme(f, y, regression=regression),
+    "hscore": lambda f, y, regression: hscore(f, y),
+    "hscore_shrinkage": lambda f, y, regression: hscore(f, y, shrinkage=True),
+    "transrate": lambda f, y, regression: transrate(f, y),
+}
+
+
+def _take(data: Any, rows: np.ndarray) -> Any:
+    """The sampled rows of an array, tensor, feature store (fancy-indexed) or list of inputs."""
+    if isinstance(data, torch.Tensor):
+        return data[torch.from_numpy(rows).to(data.device)]
+    if isinstance(data, (list, tuple)):
+        return [data[i] for i in rows.tolist()]
+    return data[rows]
+
+
+def rank_sources(candidates: Mapping[str, Any] | Sequence[Any], data: Any = None, y: Any = None, *,
+                 metric: str = "logme", sample: int | None = None, regression: bool = False,
+                 seed: int = 0) -> list[SourceScore]:
+    """Rank candidate source models for a labelled target task, best first, before paying for the
+    extraction of the whole corpus and for training.
+
+    Each candidate is an :class:`tlfast.Extractor` (it extracts features of ``data``) or a precomputed
+    (n, d) feature array (numpy or torch) of the same n rows; pass a ``{name: candidate}`` mapping, or a
+    sequence of Extractors (named by ``Extractor.name``).  Every candidate is scored on the same rows:
+    all n, or ``sample`` of them drawn at random (``seed``), so that only a sample is extracted.
+
+    Args:
+        candidates: the source models or their features.
+        data: the target inputs the Extractors take (images, texts); unused by precomputed features.
+        y: (n,) target labels (or (n,) / (n, t) targets with ``regression=True``).
+        metric: "logme" (default; also the only one for regression), "hscore", "hscore_shrinkage" or
+            "transrate" (see this module).
+        sample: score this many random rows instead of all n.
+
+    Returns:
+        ``[SourceScore(name, score, dims, seconds), ...]`` sorted by score, best first; ``seconds`` is
+        the candidate's extraction of the sample plus its scoring.
+    """
+    if metric not in RANKING_METRICS:
+        raise ValueError(f"metric must be one of {sorted(RANKING_METRICS)}, got {metric!r}")
+    if regression and metric != "logme":
+        raise ValueError(f"metric={metric!r} needs class labels; for regression targets use metric='logme'")
+    if isinstance(candidates, Mapping):
+        items = list(candidates.items())
+    elif isinstance(candidates, Sequence) and not isinstance(candidates, (str, bytes)):
+        items = [(getattr(c, "name", None), c) for c in candidates]
+        if any(name is None for name, _ in items):
+            raise TypeError("a sequence of candidates must hold Extractors (named by .name); pass a "
+                            "{name: features} mapping for precomputed features")
+    else:
+        raise TypeError(f"candidates must be a mapping {{name: Extractor or features}} or a sequence of "
+                        f"Extractors, got {type(candidates).__name__}")
+    if not items:
+        raise ValueError("candidates is empty")
+    if len({name for name, _ in items}) != len(items):
+        raise ValueError("candidate names must be distinct")
+    if y is None:
+        raise ValueError("y (the target labels) is required")
+    y_all = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    n = len(y_all)
+    if sample is not None:
+        if isinstance(sample, bool) or not isinstance(sample, int) or not 2 <= sample:
+            raise ValueError(f"sample must be an int >= 2 or None, got {sample!r}")
+    rows = (np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+            if sample is not None and sample < n else None)
+    y_used = y_all if rows is None else y_all[rows]
+    table = []
+    for name, cand in items:
+        t = time.perf_counter()
+        if hasattr(cand, "extract"):
+            if data is None:
+                raise ValueError(f"candidate {name!r} is an Extractor: pass the inputs it extracts as data")
+            if len(data) != n:
+                raise ValueError(f"data has {len(data)} items but y has {n} labels")
+            feats = cand.extract(data if rows is None else _take(data, rows), progress=False)
+        elif isinstance(cand, (np.ndarray, torch.Tensor)) or hasattr(cand, "__array__"):
+            if len(cand) != n:
+                raise ValueError(f"candidate {name!r} has {len(cand)} rows but y has {n} labels")
+            feats = cand if rows is None else _take(cand, rows)
+        else:
+            raise TypeError(f"candidate {name!r} must be an Extractor or a feature array, got {type(cand).__name__}")
+        f = _features(feats, f"features of {name!r}")
+        score = RANKING_METRICS[metric](f, y_used, regression)
+        table.append(SourceScore(str(name), score, int(f.shape[1]), time.perf_counter() - t))
+    return sorted(table, key=lambda r: -r.score)
+
+
+def ranking_table(table: Sequence[SourceScore], metric: str = "logme") -> str:
+    """A Markdown table of :func:`rank_sources`' result."""
+    lines = [f"| rank | source | {metric} | dims | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {r.name} | {r.score:.4f} | {r.dims} | {r.seconds:.2f} |" for i, r in enumerate(table, 1)]
+    return "\n".join(lines)
