@@ -29,6 +29,8 @@ import torch
 import tlfast
 from tlfast import reference as ref
 
+from cost_model import DEVICES, predict
+
 # (metric, nq, n, d): the standard GPU cases; k in (10, 100), dtypes fp16 and bf16.
 CASES = [("cosine", 65536, 1 << 20, 128), ("kl", 65536, 1 << 20, 128), ("js", 8192, 262144, 64)]
 QUICK_CASES = [("cosine", 100, 3000, 32), ("kl", 100, 3000, 32), ("js", 50, 2000, 16)]
@@ -132,8 +134,8 @@ def write_atomic(path: Path, text: str) -> None:
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [f"# GPU benchmarks on {device_name}", "",
              "| case | dtype | k | backend | median s | p95 s | GFLOP/s | % of torch.mm | speed-up vs torch | "
-             "extra peak MiB | max abs err | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "extra peak MiB | max abs err | predicted s (model) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt):
             v = r.get(key)
@@ -141,13 +143,35 @@ def markdown(rows: list[dict], device_name: str) -> str:
         lines.append(f"| knn-{r['metric']} {r['nq']}x{r['n']}x{r['d']} | {r['dtype']} | {'-' if r['k'] is None else r['k']} | {r['backend']} | "
                      f"{f('median_s', '.4f')} | {f('p95_s', '.4f')} | {f('gflops', '.0f')} | {f('pct_of_mm', '.0f')} | "
                      f"{f('speedup_vs_torch', '.2f')} | {f('extra_peak_mib', '.0f')} | {f('max_abs_err', '.2e')} | "
-                     f"{r.get('note', '')} |")
+                     f"{f('predicted_s', '.4f')} | {r.get('note', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def model_device(device_name: str) -> str | None:
+    """The cost model's device for a CUDA device name ("NVIDIA H200" -> "H200 SXM")."""
+    return next((m for m in DEVICES if m.split()[0] in device_name), None)
+
+
+def compare(out: Path) -> None:
+    """Print predicted (benchmarks/cost_model.py) vs measured for the triton rows in out/gpu-*.json."""
+    print("| device | case | dtype | k | measured ms | predicted ms (bound) | serial ms | measured / predicted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(out.glob("gpu-*.json")):
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            continue
+        for r in rows:
+            if r.get("backend") != "triton" or "predicted_s" not in r:
+                continue
+            print(f"| {r['device']} | knn-{r['metric']} {r['nq']}x{r['n']}x{r['d']} | {r['dtype']} | {r['k']} | "
+                  f"{r['median_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} ({r['bound']}) | {r['serial_s'] * 1e3:.1f} | "
+                  f"{r['median_s'] / r['predicted_s']:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="directory for gpu-<device>.json / .md")
+    ap.add_argument("--out", type=Path, help="directory for gpu-<device>.json / .md")
+    ap.add_argument("--compare", type=Path, help="print predicted vs measured from DIR/gpu-*.json and exit")
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0,
@@ -155,6 +179,11 @@ def main() -> None:
     ap.add_argument("--metrics", default="cosine,kl,js", help="comma-separated subset of the cases")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test under TRITON_INTERPRET=1")
     args = ap.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return
+    if args.out is None:
+        ap.error("--out is required")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch; use --device cpu with TRITON_INTERPRET=1 to smoke-test")
@@ -226,6 +255,10 @@ def main() -> None:
                         row["pct_of_mm"] = 100.0 * row["gflops"] / rate
                     if peak is not None:
                         row["extra_peak_mib"] = (peak - input_bytes) / 2 ** 20
+                    mdev = model_device(device_name)
+                    if label == "triton" and mdev is not None:
+                        p = predict(metric, nq, n, d, k, dname, mdev)
+                        row.update(predicted_s=p["predicted_s"], serial_s=p["serial_s"], bound=p["bound"])
                     if label.startswith("torch"):
                         torch_t = med
                     elif torch_t is not None:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU device check (shared/BENCHMARKS.md): on a machine with a GPU, torch, triton and nvcc but
-# no network, build tlfast from this working tree, run the gpu-marked tests, run the GPU benchmark
-# cases, and leave everything under $OUT (logs, junit XML, gpu-<device>.json / .md) in < 8 min.
+# no network, build tlfast from this working tree, compile the static table for the device's
+# architecture, run the gpu-marked tests, run every GPU benchmark script, and leave everything
+# under $OUT (logs, junit XML, gpu-<device>.json / .md, gpu-static-device.{json,md}) in < 8 min.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Each stage has its own time limit; a failing stage is logged and the next one still runs.
+# Every stage runs under its own time limit; a failing or missing stage is logged and the next one
+# still runs.  One line per GPU path in STAGES below: add yours there (name, seconds, command).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/out}"
@@ -12,6 +14,24 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 PY="${PYTHON:-python}"
+B="$REPO/benchmarks"
+TOTAL_S=470  # of the 8 minutes: what is left after this is the margin
+
+# stage NAME SECONDS CMD...: run CMD with at most SECONDS (less if the total is running out),
+# logging to $OUT/NAME.log; a script that does not exist yet is reported, not fatal.
+stage() {
+  local name=$1 budget=$2; shift 2
+  local left=$(( TOTAL_S - $(elapsed) ))
+  [ "$budget" -gt "$left" ] && budget=$left
+  if [ "$budget" -lt 20 ]; then echo "== $name: SKIPPED (no time left)"; return; fi
+  for a in "$@"; do
+    if [[ "$a" == *.py && ! -f "$a" ]]; then echo "== $name: MISSING ($a)"; return; fi
+  done
+  echo "== $name ($(elapsed) s, limit $budget s)"
+  timeout "$budget" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   exit $rc$([ $rc -eq 124 ] && echo ' (time limit)') ($OUT/$name.log):"; tail -15 "$OUT/$name.log" | sed 's/^/   /'
+}
 
 echo "== device"
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv || true
@@ -32,18 +52,24 @@ fi
 cd "$OUT"
 "$PY" -c "import tlfast; [print(f'  {k}: {v}') for k, v in tlfast.backends().items()]"
 
-echo "== gpu tests ($(elapsed) s)"
-# A fixed Triton config keeps compile time bounded; the benchmarks below autotune.
-TLFAST_TRITON_AUTOTUNE=0 timeout 180 "$PY" -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider \
-  --junitxml="$OUT/pytest-gpu.xml" > "$OUT/pytest-gpu.log" 2>&1
-echo "pytest exit $? (pytest-gpu.log):"; tail -25 "$OUT/pytest-gpu.log"
+# name                 seconds  command
+STAGES=$(cat <<EOF
+static-table           90  $PY -m tlfast.triton.static_check --full --archs ${cap:-90} --workers $(nproc) --cuda-dir $REPO/csrc/cuda --out $OUT/static
+gpu-tests             150  env TLFAST_TRITON_AUTOTUNE=0 $PY -m pytest $REPO/tests -m gpu -q -rs -p no:cacheprovider --junitxml=$OUT/pytest-gpu.xml
+bench-knn             200  $PY $B/bench_gpu.py --out $OUT --budget-s 150
+bench-extract          60  $PY $B/bench_gpu_extract.py --out $OUT
+bench-ot               60  $PY $B/bench_gpu_ot.py --out $OUT
+bench-lowp             40  $PY $B/bench_gpu_lowp.py --out $OUT --queries 2000
+bench-index            45  $PY $B/bench_gpu_paths.py index --out $OUT
+bench-distributed      45  $PY $B/bench_gpu_paths.py distributed --out $OUT
+EOF
+)
+while read -r name secs cmd; do
+  [ -z "$name" ] && continue
+  # shellcheck disable=SC2086  # the command is word-split on purpose
+  stage "$name" "$secs" $cmd
+done <<< "$STAGES"
 
-echo "== benchmarks ($(elapsed) s)"
-left=$(( 460 - $(elapsed) ))
-if [ "$left" -gt 60 ]; then
-  timeout "$left" "$PY" "$REPO/benchmarks/bench_gpu.py" --out "$OUT" --budget-s $(( left - 90 ))
-  echo "bench exit $?"
-else
-  echo "no time left for the benchmarks"
-fi
+echo "== predicted vs measured"
+"$PY" "$B/bench_gpu.py" --compare "$OUT" || true
 echo "== done in $(elapsed) s"

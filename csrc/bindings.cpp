@@ -75,6 +75,38 @@ py::tuple knn_cpu(const py::array& q, const py::array& c, int64_t k, int metric,
   return py::make_tuple(values, indices);
 }
 
+// bf16 / fp16 inputs arrive as uint16 arrays of their bit patterns (numpy has no bfloat16).
+py::tuple knn_cpu_half(const py::array& q, const py::array& c, int64_t k, int metric, int half_type,
+                       bool exclude_self, int threads) {
+  for (auto [a, name] : {std::pair<const py::array*, const char*>{&q, "queries"}, {&c, "corpus"}}) {
+    if (!a->dtype().is(py::dtype::of<uint16_t>()))
+      throw py::type_error(std::string(name) + " must be a uint16 array of bf16/fp16 bit patterns");
+    if (a->ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D (rows, dim)");
+    if (!(a->flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (a->shape(0) < 1 || a->shape(1) < 1) throw py::value_error(std::string(name) + " must be non-empty");
+  }
+  if (q.shape(1) != c.shape(1)) throw py::value_error("queries and corpus must have the same dim");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  if (half_type != 0 && half_type != 1) throw py::value_error("half_type must be 0 (bf16) or 1 (fp16)");
+  const Metric m = check_metric(metric);
+  const int64_t nq = q.shape(0), n = c.shape(0), d = q.shape(1);
+  const int64_t eligible = exclude_self ? n - 1 : n;
+  if (k < 1 || k > eligible) throw py::value_error("k must be in [1, " + std::to_string(eligible) + "]");
+  if (exclude_self && nq > n) throw py::value_error("exclude_self needs queries to be the corpus");
+  py::array_t<float> values({nq, k});
+  py::array_t<int64_t> indices({nq, k});
+  const uint16_t* qp = static_cast<const uint16_t*>(q.data());
+  const uint16_t* cp = static_cast<const uint16_t*>(c.data());
+  float* vp = values.mutable_data();
+  int64_t* ip = indices.mutable_data();
+  {
+    py::gil_scoped_release release;
+    tlfast::cpu::knn_half(qp, nq, cp, n, d, k, m, static_cast<tlfast::cpu::HalfType>(half_type), exclude_self,
+                          threads, vp, ip);
+  }
+  return py::make_tuple(values, indices);
+}
+
 py::array_t<float> pairwise_cpu(const py::array& q, const py::array& c, int metric, int threads) {
   check_pair(q, c, threads);
   const Metric m = check_metric(metric);
@@ -249,6 +281,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("knn_cpu", &knn_cpu, py::arg("queries"), py::arg("corpus"), py::arg("k"), py::arg("metric"),
         py::arg("exclude_self"), py::arg("threads"),
         "Fused kNN on float32 C-contiguous arrays -> (values float32 (nq, k), indices int64 (nq, k)).");
+  m.def("knn_cpu_half", &knn_cpu_half, py::arg("queries"), py::arg("corpus"), py::arg("k"), py::arg("metric"),
+        py::arg("half_type"), py::arg("exclude_self"), py::arg("threads"),
+        "Fused kNN on bf16 (half_type 0) / fp16 (1) inputs given as uint16 bit patterns, consumed natively.");
+  m.def("cpu_half_kernel", [](int half_type) { return tlfast::cpu::half_kernel(static_cast<tlfast::cpu::HalfType>(half_type)); },
+        py::arg("half_type"), "Kernel knn_cpu_half uses on this machine for bf16 (0) / fp16 (1).");
   m.def("pairwise_cpu", &pairwise_cpu, py::arg("queries"), py::arg("corpus"), py::arg("metric"),
         py::arg("threads"), "Full (nq, n) float32 matrix of metric values.");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),

@@ -35,7 +35,7 @@ def functions_using_wide_registers(obj: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
 def test_only_the_isa_namespace_uses_the_isa(isa, tmp_path):
     obj = tmp_path / f"{isa}.o"
     # The flags CMakeLists.txt gives every C++ source (no ISA flags: the TU's pragma sets the ISA).
@@ -49,3 +49,15 @@ def test_only_the_isa_namespace_uses_the_isa(isa, tmp_path):
         assert not wide
     else:
         assert wide, "the ISA pragma did not take effect: no kernel uses the wide registers"
+
+
+@pytest.mark.parametrize("amx", [0, 1])
+def test_bf16_pair_layout_matches_the_float32_kernel(amx, tmp_path):
+    """The AVX512-BF16 kernel's pair packing and epilogue (amx=1: the AMX kernel's 16-query blocks
+    and tile layout), with vdpbf16ps / tdpbf16ps written out, built for AVX2 (this machine has
+    neither): same answers as the float32 kernel on the widened inputs."""
+    exe = tmp_path / "bf16_pairs_check"
+    subprocess.run([CXX, "-O2", "-fopenmp", "-std=gnu++17", f"-DCHECK_AMX={amx}", f"-I{ROOT / 'csrc'}",
+                    str(ROOT / "tests" / "cpp" / "bf16_pairs_check.cpp"), "-o", str(exe)], check=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -48,6 +48,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from ._rwlock import Mutex
 from ._validate import as_tensor, check_domain, check_matrix
 from .metrics import Metric, get_metric
 
-__all__ = ["KINDS", "make_index", "load_index", "FaissIndex", "FusedIVF"]
+__all__ = ["KINDS", "make_index", "load_index", "tune", "TuneReport", "FaissIndex", "FusedIVF"]
 
 KINDS = ("ivf", "ivfpq", "hnsw")
 # Parameters each kind takes at construction (None = chosen from the data at train time).
@@ -81,6 +82,11 @@ _MIN_AUTO_TRAIN = 1024
 _DEFAULT_NPROBE = {"faiss": 16, "tlfast": 16, "simplex": 4}
 _FILE = {"faiss": "faiss.index", "pending": "ann_pending.npy", "centroids": "ann_centroids.npy",
          "vectors": "ann_vectors.npy", "lists": "ann_lists.npy"}
+
+
+# The CPU kernel's kl conventions (csrc/cpu/knn.h): log 0 = -2^126; values above 2^24 are +inf.
+_KL_ZERO_LOG = np.float32(2.0 ** 126)
+_KL_INF_THRESHOLD = 2.0 ** 24
 
 
 def default_nlist(n: int, per_sqrt_n: float = 4.0) -> int:
@@ -258,6 +264,34 @@ class _ApproximateIndex(ABC):
         if os.path.exists(os.path.join(directory, _FILE["pending"])):
             self._pending = [_load_npy(directory, _FILE["pending"], np.float32, (None, self.dim))]
 
+    # -- recall tuning (see ``tune``) ---------------------------------------------------------------
+    @property
+    def search_param(self) -> str:
+        """The one search-time knob trading speed for recall: nprobe (IVF) or ef_search (HNSW)."""
+        return _SEARCH_PARAMS[self.kind][0]
+
+    def stored_rows(self) -> np.ndarray:
+        """All rows in position order, as the index holds them (cosine: L2-normalised for faiss),
+        for exact ground truth.  Kinds that keep only compressed codes raise ValueError."""
+        raise ValueError(f"kind={self.kind!r} keeps compressed codes, not the vectors: recall against "
+                         f"exact search cannot be measured from the index alone; tune kind='ivf' or 'hnsw'")
+
+    def search_param_ladder(self, k: int) -> list[int]:
+        """Candidate values of ``search_param``, cheapest first, ~20-25% apart (recall rises and
+        speed falls along the ladder)."""
+        if self.kind == "hnsw":
+            top, low = 4096, k
+        else:
+            top, low = self.nlist or 1, 1
+        ladder, v = [], low
+        while v < top:
+            ladder.append(v)
+            v = max(v + 1, int(round(v * 1.25)))
+        return ladder + [top]
+
+    def set_search_param(self, value: int) -> None:
+        setattr(self, self.search_param, _positive_int(value, self.search_param, allow_none=False))
+
 
 class FaissIndex(_ApproximateIndex):
     """faiss IndexIVFFlat / IndexIVFPQ / IndexHNSWFlat for ip, l2 and cosine (normalised ip)."""
@@ -363,6 +397,23 @@ class FaissIndex(_ApproximateIndex):
         values, positions = self.index.search(self._prepare(q), k, params=params)
         return values, positions
 
+    def stored_rows(self) -> np.ndarray:
+        if self.kind == "ivfpq" or not self.is_trained:
+            return super().stored_rows() if self.kind == "ivfpq" else np.concatenate(self._pending)
+        faiss, n = self._faiss, self._ntotal()
+        if self.kind == "hnsw":  # IndexHNSWFlat keeps the rows in a flat storage index, in order
+            codes = faiss.vector_to_array(faiss.downcast_index(self.index.storage).codes)
+            return codes.view(np.float32).reshape(n, self.dim)
+        # IndexIVFFlat: each inverted list holds raw float rows and their ids (= positions).
+        invlists, rows = self.index.invlists, np.empty((n, self.dim), dtype=np.float32)
+        for lst in range(self.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * self.dim * 4)
+                rows[np.array(ids, dtype=np.int64)] = np.frombuffer(codes, dtype=np.float32).reshape(size, self.dim)
+        return rows
+
     def _build_params(self) -> dict:
         p = {"ivf": {"nlist": self.nlist, "nprobe": self.nprobe, "engine": "faiss"},
              "ivfpq": {"nlist": self.nlist, "nprobe": self.nprobe, "m": self.m, "nbits": self.nbits},
@@ -408,12 +459,13 @@ class FusedIVF(_ApproximateIndex):
 
     kind = "ivf"
     kmeans_iterations = 10
-    # √n lists, not faiss's 4·√n: the fine step scans each list with one GEMM-shaped kernel call for
-    # all the queries probing it, so long lists cost little, while the coarse step costs nlist per
-    # query and every list a Python-level call.  On 500k x 32 Dirichlet data: 707 lists, nprobe 4 ->
-    # recall@10 0.978 at 13x exact (benchmarks/results/ann-cpu.md); 2828 lists needed nprobe 16 for
-    # 0.996 at ~4x (an earlier run).
-    lists_per_sqrt_n = 1.0
+    # Lists per √n, by input domain.  ip / l2 / cosine: faiss's 4·√n (on 500k x 128 clustered
+    # cosine, 2828 lists gave recall@10 0.952 at 12.4x exact vs 0.939 at 10.8x with 707;
+    # benchmarks/results/ann-cpu.md).  kl / js: √n — each probed list costs one kernel call with
+    # a fixed cost of tens of µs, and 32-d probability rows scan so cheaply that the call count
+    # dominates (500k x 32 Dirichlet: 707 lists, nprobe 4 -> recall@10 0.978 at 13x; 2828 lists
+    # needed nprobe 16 for 0.996 at ~4x).
+    lists_per_sqrt_n = {"any": 4.0, "nonzero": 4.0, "simplex": 1.0}
     # Training sample per centroid: enough for stable means, bounded cost (faiss uses 256).
     sample_per_centroid = 64
 
@@ -445,11 +497,46 @@ class FusedIVF(_ApproximateIndex):
         return v.numpy(), i.numpy()
 
     def _list_knn(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact kNN of a few queries in one list: the fused kernel on one thread (waking a thread
-        pool costs more than the whole scan of a list of ~n / nlist rows)."""
+        """Exact kNN of a few queries in one list (``rows`` as ``_lists`` stores them, in the
+        metric ``_scan_metric``): the fused kernel on one thread (waking a thread pool costs more
+        than the whole scan of a list of ~n / nlist rows)."""
+        metric = self._scan_metric()
         if _C is not None:
-            return _C.knn_cpu(q, rows, k, self.metric.code, False, 1)
-        return self._nearest(q, rows, k)
+            return _C.knn_cpu(q, rows, k, metric.code, False, 1)
+        v, i = _exact_backend().knn(torch.from_numpy(q), torch.from_numpy(rows), k, metric, False)
+        return v.numpy(), i.numpy()
+
+    def _scan_metric(self) -> Metric:
+        """kl and cosine lists are scanned as inner products over precomputed rows (log c; unit
+        rows), so that no kernel call recomputes a log or a norm per list row: a list is scanned
+        once for every ~nq·nprobe/nlist queries probing it, and with ~√n rows per list those
+        per-row terms were half of the scan's cost."""
+        return get_metric("ip") if self.metric.name in ("kl", "cosine") else self.metric
+
+    def _scan_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.metric.name == "kl":
+            # KL(q‖c) = Σ q log q − ⟨q, log c⟩, with the exact kernel's log 0 = -2^126 (csrc/cpu/knn.h:
+            # a term q > 0 against c = 0 adds q·2^126, reported as +inf; q = 0 adds 0 = 0·log 0).
+            with np.errstate(divide="ignore"):
+                return np.where(rows > 0, np.log(rows), -_KL_ZERO_LOG).astype(np.float32)
+        if self.metric.name == "cosine":
+            return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows
+
+    def _exact_values(self, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The metric's value of each (query, found position): KL with 0·log 0 = 0 and +inf where
+        q > 0 = c, as the exact kernels define it (DESIGN.md metric table)."""
+        rows = self._rows_and_lists()[0]
+        c = rows[np.maximum(positions, 0)]  # (nq, k, d)
+        qq = q[:, None, :]
+        if self.metric.name == "kl":  # the exact kernel's GEMM form and its +inf rule (csrc/cpu/knn.h)
+            with np.errstate(divide="ignore"):
+                log_c = np.where(c > 0, np.log(c), -_KL_ZERO_LOG)
+            v = (q * np.log(np.where(q > 0, q, 1))).sum(1)[:, None] - (qq * log_c).sum(-1)
+            v = np.where(v > _KL_INF_THRESHOLD, np.inf, v)
+        else:  # cosine
+            v = (qq * c).sum(-1) / (np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(c, axis=-1))
+        return np.where(positions < 0, np.nan, v).astype(np.float32)
 
     def _project(self, means: np.ndarray) -> np.ndarray:
         """Centroids back onto the metric's domain: the simplex for kl / js, the unit sphere for
@@ -462,7 +549,7 @@ class FusedIVF(_ApproximateIndex):
 
     def _train(self, x: np.ndarray) -> None:
         rng = np.random.default_rng(self.seed)
-        nlist = self.nlist = self.nlist or default_nlist(len(x), self.lists_per_sqrt_n)
+        nlist = self.nlist = self.nlist or default_nlist(len(x), self.lists_per_sqrt_n[self.metric.domain])
         if len(x) > self.sample_per_centroid * nlist:
             x = x[rng.choice(len(x), self.sample_per_centroid * nlist, replace=False)]
         centroids = x[rng.choice(len(x), nlist, replace=False)].copy()
@@ -503,7 +590,8 @@ class FusedIVF(_ApproximateIndex):
                     order = np.argsort(lists, kind="stable")
                     offsets = np.zeros(len(self.centroids) + 1, dtype=np.int64)
                     np.cumsum(np.bincount(lists, minlength=len(self.centroids)), out=offsets[1:])
-                    self._csr = (np.ascontiguousarray(rows[order]), order.astype(np.int64), offsets)
+                    scan = np.ascontiguousarray(self._scan_rows(rows[order]), dtype=np.float32)
+                    self._csr = (scan, order.astype(np.int64), offsets)
                 csr = self._csr
         return csr
 
@@ -511,6 +599,7 @@ class FusedIVF(_ApproximateIndex):
         rows, positions, offsets = self._lists()
         nprobe = min(nprobe or self.nprobe or _DEFAULT_NPROBE["simplex" if self.metric.domain == "simplex" else "tlfast"], len(self.centroids))
         probes = self._nearest(q, self.centroids, nprobe)[1]  # (nq, nprobe) lists, best first
+        q_scan = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)) if self.metric.name == "cosine" else q
         # Candidates per (query, probe slot): the k best rows of that list, -1 padded.
         cand_v = np.full((len(q), nprobe, k), np.nan, dtype=np.float32)
         cand_p = np.full((len(q), nprobe, k), -1, dtype=np.int64)
@@ -525,7 +614,7 @@ class FusedIVF(_ApproximateIndex):
                 pairs = order[bounds[lst]:bounds[lst + 1]]  # flat (query, slot) indices probing lst
                 qi, slot = np.divmod(pairs, nprobe)
                 kk = min(k, hi - lo)
-                v, i = self._list_knn(q[qi], rows[lo:hi], kk)
+                v, i = self._list_knn(q_scan[qi], rows[lo:hi], kk)
                 cand_v[qi, slot, :kk] = v  # each (query, slot) cell belongs to one list: no races
                 cand_p[qi, slot, :kk] = positions[lo + i]
 
@@ -539,8 +628,18 @@ class FusedIVF(_ApproximateIndex):
                 list(pool.map(scan, np.array_split(active, workers)))
         cand_v = cand_v.reshape(len(q), -1)
         cand_p = cand_p.reshape(len(q), -1)
+        if self.metric.name == "kl":  # inner products <q, log c>, larger first; then exact KL, smaller first
+            values, pos = sort_best_first(cand_v, cand_p, True)
+            return sort_best_first(self._exact_values(q, pos[:, :k]), pos[:, :k], False)
         values, pos = sort_best_first(cand_v, cand_p, self.metric.larger_is_better)
+        if self.metric.name == "cosine":
+            return self._exact_values(q, pos[:, :k]), pos[:, :k]
         return values[:, :k], pos[:, :k]
+
+    def stored_rows(self) -> np.ndarray:
+        if not self.is_trained:
+            return np.concatenate(self._pending)
+        return self._rows_and_lists()[0]
 
     def _build_params(self) -> dict:
         return {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed, "engine": "tlfast"}
@@ -567,6 +666,164 @@ class FusedIVF(_ApproximateIndex):
                                      f"it is corrupted")
                 self._chunks = [(data, lists)]
         self._load_pending(directory)
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    """What :func:`tune` chose and why.
+
+    ``params``: the chosen search parameter, e.g. ``{"nprobe": 12}``.  ``recall``: mean recall@k of
+    the tuning queries at that setting, with ``recall_ci`` its Wilson interval at ``confidence``
+    (counted per query, see ``tune``); the setting is the cheapest whose lower bound reaches
+    ``target_recall``.  ``speedup``: queries/s over tlfast's exact search of the same queries on
+    the same rows (medians of ``timing_runs``).  ``curve``: (value, recall, lower bound) of every
+    setting tried, cheapest first.
+    """
+
+    params: dict
+    target_recall: float
+    reached: bool
+    recall: float
+    recall_ci: tuple[float, float]
+    confidence: float
+    k: int
+    n_queries: int
+    queries_from: str  # "corpus (exclude_self)" or "given"
+    exact_qps: float
+    approx_qps: float
+    speedup: float
+    timing_runs: int
+    curve: tuple[tuple[int, float, float], ...]
+
+    def __str__(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        state = "reached" if self.reached else "NOT reached (best setting kept)"
+        return (f"{p}: recall@{self.k} {self.recall:.4f} ({100 * self.confidence:g}% CI "
+                f"{self.recall_ci[0]:.4f}-{self.recall_ci[1]:.4f}, {self.n_queries} queries from "
+                f"{self.queries_from}); target {self.target_recall} {state}; {self.speedup:.1f}x exact "
+                f"({self.approx_qps:.0f} vs {self.exact_qps:.0f} queries/s)")
+
+
+def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|found_i ∩ exact_i| / k per query (positions; -1 padding never matches)."""
+    hit = (found[:, :, None] == exact[:, None, :]) & (found[:, :, None] >= 0)
+    return hit.any(-1).sum(1) / exact.shape[1]
+
+
+def _drop_self(positions: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
+    """The k best of k + 1 results once each query's own row is removed (the last one where the
+    row itself was not found)."""
+    is_self = positions == self_pos[:, None]
+    drop = np.where(is_self.any(1), is_self.argmax(1), positions.shape[1] - 1)
+    keep = np.ones(positions.shape, dtype=bool)
+    keep[np.arange(len(positions)), drop] = False
+    return positions[keep].reshape(len(positions), -1)[:, :k]
+
+
+def _median_time(fn, runs: int) -> float:
+    import time
+
+    fn()  # warm-up: lazy list layout, thread pools
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def tune(obj: "_ApproximateIndex", target_recall: float = 0.95, queries: np.ndarray | None = None, *, k: int = 10,
+         sample: int = 1000, confidence: float = 0.95, seed: int = 0, timing_runs: int = 3,
+         store: bool = True) -> TuneReport:
+    """Pick the cheapest ``search_param`` (nprobe / ef_search) whose recall@k reaches ``target_recall``
+    with confidence, measured against exact search.
+
+    Queries: ``queries`` when given (validated rows), else ``sample`` corpus rows drawn at random,
+    each searched with exclude_self (k + 1 results, its own row dropped) — held out in the sense
+    that a row never counts as its own neighbour.  Ground truth: tlfast's exact kernel over the
+    index's stored rows.  The ladder of settings is walked cheapest first; recall rises along it,
+    so the first setting whose Wilson lower bound reaches the target is the fastest that does.
+
+    Why per query: the k neighbours of one query are found or missed together (they share probed
+    lists / graph paths), so the nq·k neighbour hits are not independent trials.  Per-query
+    recalls r_i lie in [0, 1], so Var(r_i) <= p(1 - p): a Wilson interval with nq trials is
+    conservative for the mean recall p.
+    """
+    import math
+
+    import torch
+
+    from .bench.timing import wilson_interval
+
+    if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or \
+            not 0 < float(target_recall) <= 1 or math.isnan(target_recall):
+        raise ValueError(f"target_recall must be a number in (0, 1], got {target_recall!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    k = _positive_int(k, "k", allow_none=False)
+    sample = _positive_int(sample, "sample", allow_none=False)
+    if not obj.is_trained:
+        raise ValueError(f"this {obj.kind} index is not trained yet (it holds {len(obj)} rows and searches "
+                         f"them exactly until it is): add more rows or call train() before tune()")
+    rows = obj.stored_rows()
+    n = len(rows)
+    from_corpus = queries is None
+    if from_corpus:
+        if n < k + 2:
+            raise ValueError(f"the index holds {n} rows; tuning recall@{k} needs at least {k + 2}")
+        self_pos = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+        q = np.ascontiguousarray(rows[self_pos])
+        kk = k + 1
+    else:
+        q = obj.rows(queries, "queries")
+        if len(q) > sample:
+            q = q[np.random.default_rng(seed).choice(len(q), sample, replace=False)]
+        kk = k
+    if kk > n:
+        raise ValueError(f"k={k} is larger than the index ({n} rows)")
+    if from_corpus and obj.kind == "hnsw":
+        import warnings
+
+        # A corpus row sits in the graph, linked to its own neighbours: it is found more easily
+        # than a new point (measured: recall 0.967 on corpus rows vs 0.916 on fresh queries,
+        # 100k x 96 Gaussian mixture; benchmarks/results/ann-tune-cpu.md).
+        warnings.warn("tuning an hnsw index on its own rows overestimates recall for new queries; "
+                      "pass held-out queries (tune(queries=...)) like the ones it will serve", stacklevel=3)
+    exact_backend = _exact_backend()
+
+    def exact():
+        return exact_backend.knn(torch.from_numpy(q), torch.from_numpy(rows), kk, obj.metric, False)[1].numpy()
+
+    truth = exact()
+    if from_corpus:
+        truth = _drop_self(truth, self_pos, k)
+    name, curve, chosen = obj.search_param, [], None
+    for value in obj.search_param_ladder(k):
+        found = obj.search(q, kk, **{name: value})[1]
+        if from_corpus:
+            found = _drop_self(found, self_pos, k)
+        r = recall_per_query(found, truth)
+        lo, hi = wilson_interval(float(r.sum()), len(r), confidence)
+        curve.append((value, float(r.mean()), lo, hi))
+        if lo >= target_recall:
+            chosen = curve[-1]
+            break
+    reached = chosen is not None
+    if not reached:  # the most accurate setting tried
+        chosen = max(curve, key=lambda c: (c[1], -c[0]))
+    value = chosen[0]
+    if timing_runs:
+        t_exact = _median_time(exact, timing_runs)
+        t_approx = _median_time(lambda: obj.search(q, kk, **{name: value}), timing_runs)
+    else:  # a one-off search(target_recall=): no timing
+        t_exact = t_approx = float("nan")
+    if store:
+        obj.set_search_param(value)
+    return TuneReport(params={name: value}, target_recall=float(target_recall), reached=reached, recall=chosen[1],
+                      recall_ci=(chosen[2], chosen[3]), confidence=confidence, k=k, n_queries=len(q),
+                      queries_from="corpus (exclude_self)" if from_corpus else "given",
+                      exact_qps=len(q) / t_exact, approx_qps=len(q) / t_approx, speedup=t_exact / t_approx,
+                      timing_runs=timing_runs, curve=tuple((c[0], c[1], c[2]) for c in curve))
 
 
 def _check_kind_metric(kind: Any, metric: str | Metric) -> Metric:

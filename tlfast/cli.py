@@ -1,7 +1,8 @@
 """The ``tlfast`` command line: info, extract, knn, match, rank, bench, demo.
 
 Every command prints a short summary; results go to files written through a temp file and a
-rename.  Errors are one line on stderr and exit status 2 (1 for a failed benchmark script).
+rename.  Errors are one line on stderr and exit status 2 (1 for a regression found by
+``bench compare``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,10 +43,6 @@ EXAMPLES = {
   tlfast rank labels.npy feats-a.npy feats-b/               # precomputed features (.npy / store) by file name
   tlfast rank labels.npy lite0=feats-a.npy raw=pixels.npy --metric hscore_shrinkage
   tlfast rank labels.npy efficientnet_lite0 --data images.npy --sample 2000 -o ranking.json""",
-    "bench": """examples:
-  tlfast bench --quick                 # every ./benchmarks/bench_*.py, small shapes
-  tlfast bench knn --out bench-out     # only bench_knn.py, standard cases
-  tlfast bench --dir path/to/benchmarks""",
     "demo": """examples:
   tlfast demo                          # -> ./tlfast-demo-out/{demo.png,report.md,results.json}
   tlfast demo --out /tmp/demo
@@ -321,123 +317,6 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_dir(arg: str | None) -> Path:
-    if arg is not None:
-        candidates = [Path(arg)]
-    else:  # the checkout we run in, or the one the package was imported from (an in-place build)
-        candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise CLIError(f"no benchmarks folder at {' or '.join(map(str, candidates))}; run from a source checkout "
-                   f"or pass --dir")
-
-
-def _bench_rows(out: Path, suite: str, started: float) -> list[dict]:
-    """Rows of the JSON files a benchmark script wrote during this run: into the folder ``out``, or
-    beside it as ``out.json`` (scripts whose --out is a path prefix)."""
-    rows = []
-    for f in sorted([*out.glob("*.json"), *out.parent.glob(f"{out.name}*.json")]):
-        if f.stat().st_mtime < started:
-            continue
-        data = json.loads(f.read_text())
-        for row in data.get("rows", data if isinstance(data, list) else []):
-            if isinstance(row, dict):
-                rows.append({"suite": suite, "file": f.name, **row})
-    return rows
-
-
-def _contender(row: dict) -> str:
-    """The row's contender, with the settings that tell rows of one backend apart (ANN sweeps)."""
-    name = str(row.get("backend") or row.get("contender") or row.get("name") or "?")
-    settings = [f"{k}={row[k]}" for k in ("kind", "nlist", "nprobe", "ef_search") if row.get(k) is not None]
-    return " ".join([name, *settings])
-
-
-def _bench_markdown(rows: list[dict]) -> str:
-    lines = ["| suite | case | contender | median s | vs slowest in case | recall@10 |", "|---|---|---|---|---|---|"]
-    slowest: dict[tuple, float] = {}
-    for r in rows:
-        if isinstance(r.get("median_s"), (int, float)):
-            key = (r["suite"], str(r.get("case")))
-            slowest[key] = max(slowest.get(key, 0.0), r["median_s"])
-    for r in rows:
-        key = (r["suite"], str(r.get("case")))
-        if isinstance(r.get("median_s"), (int, float)):
-            speed = f"{slowest[key] / r['median_s']:.1f}x" if r["median_s"] > 0 else "-"
-            recall = f"{r['recall_at_10']:.3f}" if isinstance(r.get("recall_at_10"), (int, float)) else ""
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | {r['median_s']:.4g} | {speed} | "
-                         f"{recall} |")
-        else:
-            lines.append(f"| {r['suite']} | {r.get('case')} | {_contender(r)} | error: {r.get('error', '?')} | | |")
-    return "\n".join(lines)
-
-
-def _bench_chart(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if isinstance(r.get("median_s"), (int, float)) and r["median_s"] > 0]
-    labels = [f"{r['suite']}/{r.get('case')}: {_contender(r)}" for r in timed]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(timed) + 1.5))
-    ax.barh(range(len(timed)), [r["median_s"] for r in timed], color="tab:blue")
-    ax.set_yticks(range(len(timed)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("median seconds (log scale; shorter is faster)")
-    ax.set_title("tlfast bench")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    bench_dir = _bench_dir(args.dir)
-    available = {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
-    if not available:
-        raise CLIError(f"{bench_dir} has no bench_*.py scripts")
-    suites = args.suites or list(available)
-    unknown = [s for s in suites if s not in available]
-    if unknown:
-        raise CLIError(f"unknown suite(s) {unknown}; available: {', '.join(available)}")
-    out = Path(args.out)
-    rows: list[dict] = []
-    failed = []
-    for suite in suites:
-        raw = out / suite
-        raw.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(available[suite]), "--out", str(raw)] + (["--quick"] if args.quick else [])
-        print(f"running {' '.join(cmd)}", flush=True)
-        started = time.time() - 1
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            failed.append(f"{suite} (timed out after {args.timeout} s)")
-            continue
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]
-            failed.append(f"{suite} (exit {proc.returncode}: {last})")
-            continue
-        got = _bench_rows(raw, suite, started)
-        if not got:
-            failed.append(f"{suite} (wrote no JSON rows to {raw})")
-        rows.extend(got)
-    md = "# tlfast bench\n\n" + (_bench_markdown(rows) if rows else "no results") + "\n"
-    if failed:
-        md += "\nfailed: " + "; ".join(failed) + "\n"
-    atomic_write(out / "bench.json", lambda f: f.write(json.dumps({"rows": rows, "failed": failed}, indent=1).encode()))
-    atomic_write(out / "bench.md", lambda f: f.write(md.encode()))
-    if rows:
-        _bench_chart(out / "bench.png", rows)
-    print(md)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if rows else ""))
-    if failed:
-        raise CLIError("benchmark(s) failed: " + "; ".join(failed), code=1)
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -511,12 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="device for model candidates")
     s.add_argument("--out", "-o", default=None, help="also write the table to .json or .md")
 
-    s = _sub(sub, "bench", "run the benchmark scripts -> bench.json, bench.md, bench.png", _cmd_bench)
-    s.add_argument("suites", nargs="*", help="which benchmarks/bench_SUITE.py to run (default: all)")
-    s.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    s.add_argument("--out", default="tlfast-bench-out", help="output folder (default ./tlfast-bench-out)")
-    s.add_argument("--dir", default=None, help="folder of bench_*.py scripts (default: the checkout's benchmarks/)")
-    s.add_argument("--timeout", type=float, default=3600, help="seconds per script (default 3600)")
+    from .bench.cli import add_parser as _add_bench_parser
+
+    _add_bench_parser(sub, argparse.RawDescriptionHelpFormatter)
 
     s = _sub(sub, "demo", "transfer learning on built-in data: digits -> shifted digits, report + PNG", _cmd_demo)
     s.add_argument("--out", default="tlfast-demo-out", help="output folder (default ./tlfast-demo-out)")

@@ -55,6 +55,7 @@ from ._rwlock import RWLock
 from .index import Index, _as_ids, _check_loaded_ids, _reader, _writer
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
+from .precision import WithPrecision, check_precision
 
 __all__ = ["PeerError", "ShardedIndex", "knn", "merge_topk"]
 
@@ -343,7 +344,7 @@ def _check_rows(t: torch.Tensor, name: str, allow_empty: bool) -> None:
 
 def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, sharded_queries: bool = False,
         exclude_self: bool = False, group=None, timeout: float | datetime.timedelta | None = None,
-        backend: str = "auto") -> KnnResult:
+        backend: str = "auto", precision: str = "exact") -> KnnResult:
     """Exact kNN against a corpus sharded across the ranks of ``group``; call it on every rank.
 
     Args:
@@ -360,6 +361,8 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
         group: a ``torch.distributed`` process group (default: the world).
         timeout: seconds (or timedelta) each collective may take before :class:`PeerError`.
         backend: the local kNN backend, as in :func:`tlfast.knn`.
+        precision: "exact", "bf16" or "fp16" for the local searches, as in :func:`tlfast.knn`; pass
+            the same on every rank.
 
     Returns:
         KnnResult(values float32 (n, k), indices int64 (n, k)) with global corpus indices: exactly
@@ -376,6 +379,7 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
                               "exclude_self": int(bool(exclude_self))}
     device = torch.device("cpu")
     try:
+        precision = check_precision(precision)
         q, c, m, is_numpy = _validate_local(queries, local_corpus, metric, bool(sharded_queries))
         device = q.device
         if exclude_self and not sharded_queries:
@@ -396,7 +400,7 @@ def knn(queries: Any, local_corpus: Any, k: int, metric: str = "cosine", *, shar
     total = sum(sizes)  # the same k and sizes everywhere: every rank reaches the same verdict on k
     k = validate_k(k, total, bool(exclude_self), total if exclude_self else q.shape[0])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    impl = resolve_backend(backend, device)
+    impl = WithPrecision(resolve_backend(backend, device), precision)
     common = dict(sizes=sizes, offsets=offsets, group=group, timeout=limit, rank=rank, world=world, cdev=cdev)
     if sharded_queries:
         values, indices = _ring(q, c, k, m, impl, exclude_self=bool(exclude_self), **common)

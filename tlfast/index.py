@@ -34,6 +34,7 @@ from ._rwlock import Mutex, RWLock
 from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale,
                         rescale_rows, scale_by_power_of_two, scale_values)
 from .metrics import METRICS, get_metric
+from .precision import WithPrecision, check_precision
 from .ops import KnnResult
 
 __all__ = ["Index", "parse_bytes"]
@@ -409,7 +410,7 @@ class Index:
 
     @_reader
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None,
-               **search_params: Any) -> KnnResult:
+               precision: str = "exact", target_recall: float | None = None, **search_params: Any) -> KnnResult:
         """The ``k`` best stored vectors for each query, as ``KnnResult(values, indices)`` where
         ``indices`` are the ids given to ``add`` (-1 where an approximate index found fewer than k).
 
@@ -422,8 +423,17 @@ class Index:
                 the corpus is then streamed block by block (memory-mapped storage is read from disk
                 as it goes; on GPU, host->device copies overlap with compute) and the per-block top-k
                 merged.  Results equal a search without a budget.
+            precision: exact search only: "exact", "bf16" or "fp16", as in ``tlfast.knn``.
+            target_recall: approximate kinds: search with the cheapest setting that reaches this
+                recall@k (see :meth:`tune`; tuned once per (target, k) on a sample of the corpus and
+                remembered, not stored).  Exact search meets any target and ignores it.
             **search_params: approximate kinds only (e.g. ``nprobe``, ``ef_search``).
         """
+        if target_recall is not None and self.kind != "flat":
+            if search_params:
+                raise ValueError(f"pass target_recall or {sorted(search_params)}, not both: target_recall "
+                                 f"chooses them")
+            search_params = self._params_for_recall(target_recall, k)
         if self._count == 0:
             raise ValueError("the index is empty; add vectors with index.add(x) before searching")
         q, is_numpy = as_tensor(queries, "queries")
@@ -437,6 +447,10 @@ class Index:
         if not 1 <= k <= self._count:
             raise ValueError(f"k must be between 1 and {self._count} (the index size), got k={k}")
         out_device = q.device
+        precision = check_precision(precision)
+        if self.kind != "flat" and precision != "exact":
+            raise ValueError(f"precision={precision!r} applies to exact search; kind={self.kind!r} has its "
+                             f"own storage precision (drop precision)")
         if self.kind != "flat":
             if memory_budget is not None:
                 raise ValueError(f"memory_budget applies to exact search; kind={self.kind!r} keeps its own "
@@ -448,13 +462,13 @@ class Index:
             if search_params:
                 raise ValueError(f"unknown search parameters {sorted(search_params)}: an exact (flat) index "
                                  f"takes none; they belong to approximate kinds")
-            values, positions = self._search_flat(q.to(self.device), k, backend, memory_budget)
+            values, positions = self._search_flat(q.to(self.device), k, backend, memory_budget, precision)
         ids = self._positions_to_ids(positions)
         values, ids = values.to(out_device), ids.to(out_device)
         return KnnResult(values.numpy(), ids.numpy()) if is_numpy else KnnResult(values, ids)
 
-    def _search_flat(self, q: torch.Tensor, k: int, backend: str, memory_budget: Any):
-        impl = _resolve_backend(backend, self.device)
+    def _search_flat(self, q: torch.Tensor, k: int, backend: str, memory_budget: Any, precision: str = "exact"):
+        impl = WithPrecision(_resolve_backend(backend, self.device), precision)
         rows = None
         if memory_budget is not None:
             # Working set of one block: its stored bytes plus the float32 copy the kernel reads.
@@ -488,6 +502,42 @@ class Index:
                 self._abs_max = max(abs_max(seg) for seg in self._segments)
                 self._abs_max_count = self._count
             return self._abs_max
+
+    # ------------------------------------------------------------------ recall tuning
+    def tune(self, target_recall: float = 0.95, queries: Any = None, *, k: int = 10, sample: int = 1000,
+             confidence: float = 0.95, seed: int = 0) -> Any:
+        """Choose the fastest search setting (``nprobe`` for ivf, ``ef_search`` for hnsw) whose
+        recall@k reaches ``target_recall`` with ``confidence``, store it (``save`` persists it) and
+        return a ``tlfast.ann.TuneReport``: params, estimated recall with its Wilson interval,
+        speed-up over exact search.
+
+        Recall is measured against tlfast's exact search on ``queries`` (at most ``sample`` of
+        them) or, when None, on ``sample`` corpus rows searched with exclude_self.  Use queries
+        like the ones the index will serve when their distribution differs from the corpus's.
+        """
+        if self.kind == "flat":
+            raise ValueError("a flat index searches exactly (recall 1): there is nothing to tune; "
+                             "tune approximate kinds such as kind='ivf' or 'hnsw'")
+        if self._ann is None or len(self) == 0:
+            raise ValueError("the index is empty; add vectors before tuning")
+        q = None
+        if queries is not None:
+            t = self._prepare(queries, "queries")
+            q = t.to("cpu", torch.float32).contiguous().numpy()
+        report = self._ann_module().tune(self._ann, target_recall, q, k=k, sample=sample, confidence=confidence,
+                                         seed=seed)
+        self.params.update(report.params)
+        return report
+
+    def _params_for_recall(self, target_recall: float, k: int) -> dict:
+        cache = self.__dict__.setdefault("_recall_params", {})
+        key = (float(target_recall), int(k) if isinstance(k, (int, np.integer)) else k, len(self))
+        if key not in cache:
+            if self._ann is None:
+                raise ValueError("the index is empty; add vectors with index.add(x) before searching")
+            report = self._ann_module().tune(self._ann, target_recall, None, k=k, store=False, timing_runs=0)
+            cache[key] = report.params
+        return dict(cache[key])
 
     # ------------------------------------------------------------------ persistence
     def __copy__(self) -> "Index":

@@ -34,7 +34,7 @@ def _ratio_distance(values: torch.Tensor, metric: str) -> torch.Tensor:
     return values
 
 
-def _kl_backward(source: torch.Tensor, target: torch.Tensor, backend: str) -> torch.Tensor:
+def _kl_backward(source: torch.Tensor, target: torch.Tensor, backend: str, precision: str) -> torch.Tensor:
     """For each target row t, argmin over source rows s of KL(s ‖ t) (the forward pass's direction).
 
     KL(s ‖ t) = Σ s log s - Σ s log t, so for fixed t it is the largest inner product between
@@ -46,11 +46,11 @@ def _kl_backward(source: torch.Tensor, target: torch.Tensor, backend: str) -> to
     log_t = target.double().clamp(min=torch.finfo(torch.float32).tiny).log()
     s_aug = torch.cat([s, -neg_entropy], dim=1).float()
     t_aug = torch.cat([log_t, torch.ones_like(log_t[:, :1])], dim=1).float()
-    return knn(t_aug, s_aug, 1, "ip", backend=backend).indices[:, 0]
+    return knn(t_aug, s_aug, 1, "ip", backend=backend, precision=precision).indices[:, 0]
 
 
 def match(source: Any, target: Any, metric: str = "cosine", *, mutual: bool = True, ratio: float | None = None,
-          threshold: float | None = None, backend: str = "auto") -> Matches:
+          threshold: float | None = None, backend: str = "auto", precision: str = "exact") -> Matches:
     """Match each source row to its nearest target row, keeping the pairs that pass every test.
 
     Args:
@@ -63,6 +63,7 @@ def match(source: Any, target: Any, metric: str = "cosine", *, mutual: bool = Tr
             and the divergence for kl / js; not defined for ``ip`` (no distance).  Needs m >= 2.
         threshold: keep pairs whose score is at least this good (>= for cosine / ip, <= for l2, kl, js).
         backend: as in :func:`tlfast.knn`.
+        precision: "exact", "bf16" or "fp16", as in :func:`tlfast.knn` (both passes).
 
     Returns:
         Matches(source_idx, target_idx, scores), sorted by source index.
@@ -79,7 +80,7 @@ def match(source: Any, target: Any, metric: str = "cosine", *, mutual: bool = Tr
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
     s, t = inp.queries, inp.corpus
-    fwd = knn(s, t, 2 if ratio is not None else 1, name, backend=backend)
+    fwd = knn(s, t, 2 if ratio is not None else 1, name, backend=backend, precision=precision)
     best, tgt = fwd.values[:, 0], fwd.indices[:, 0]
     keep = torch.ones_like(tgt, dtype=torch.bool)
     if ratio is not None:
@@ -88,7 +89,8 @@ def match(source: Any, target: Any, metric: str = "cosine", *, mutual: bool = Tr
     if threshold is not None:
         keep &= best >= threshold if inp.metric.larger_is_better else best <= threshold
     if mutual:
-        back = _kl_backward(s, t, backend) if name == "kl" else knn(t, s, 1, name, backend=backend).indices[:, 0]
+        back = (_kl_backward(s, t, backend, precision) if name == "kl"
+            else knn(t, s, 1, name, backend=backend, precision=precision).indices[:, 0])
         keep &= back[tgt] == torch.arange(s.shape[0], device=s.device)
     src = keep.nonzero()[:, 0]
     return Matches(inp.output(src), inp.output(tgt[src]), inp.output(best[src]))

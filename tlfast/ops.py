@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import backends as _backends
+from . import precision as _precision
 from ._validate import check_exclude_self, range_safe, safe_knn, scale_values, validate_k, validate_pair
 from .backends import BackendInfo
 
@@ -23,7 +24,7 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: str = "auto",
-        exclude_self: bool = False) -> KnnResult:
+        exclude_self: bool = False, precision: str = "exact") -> KnnResult:
     """Exact k-nearest-neighbour search without materialising the (n, m) distance matrix.
 
     Args:
@@ -34,6 +35,13 @@ def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: s
         backend: "auto" (fastest available for the device; TLFAST_BACKEND overrides) or a name
             from ``tlfast.backends()``.
         exclude_self: queries are the corpus; drop each row's pair with itself.
+        precision: "exact" (default): float32 products of the inputs as given (float64 inputs in
+            float32), the k best of those values.  "bf16" / "fp16": inputs rounded to that format,
+            products accumulated in float32, for matrix units (AMX, tensor cores); values are then
+            approximate, |value - exact| <= 2 u |q| |c| + d 2^-23 |q| |c| for ip (u = 2^-8 for
+            bf16, 2^-11 for fp16; cosine: 4 u + d 2^-23; see docs/design/low-precision.md), and
+            near-ties may swap.  Exact mode may screen in low precision where that is faster,
+            then certifies and re-ranks: its indices stay exact.
 
     Returns:
         KnnResult(values float32 (n, k), indices int64 (n, k)), best first, ties to the smaller
@@ -46,7 +54,7 @@ def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: s
     k = validate_k(k, inp.corpus.shape[0], exclude_self, inp.queries.shape[0])
     if exclude_self:
         check_exclude_self(inp.queries, inp.corpus)
-    impl = _backends.resolve(backend, inp.device)
+    impl = _precision.WithPrecision(_backends.resolve(backend, inp.device), precision)
     values, indices = safe_knn(impl, inp, k, bool(exclude_self))
     return KnnResult(inp.output(values), inp.output(indices))
 

@@ -18,12 +18,28 @@
 #if !defined(TLFAST_ISA) || !defined(TLFAST_ISA_AVX512) || !defined(TLFAST_ISA_AVX2)
 #error "define TLFAST_ISA (avx512 | avx2 | generic), TLFAST_ISA_AVX512 and TLFAST_ISA_AVX2 (0/1) before including fused_knn.h"
 #endif
+// TLFAST_ISA_BF16DOT (AVX512-BF16 TU only): bf16 inputs of ip / cosine / l2 are multiplied with
+// vdpbf16ps instead of being widened.
+#ifndef TLFAST_ISA_BF16DOT
+#define TLFAST_ISA_BF16DOT 0
+#endif
+// TLFAST_ISA_AMX (AMX TU only, with TLFAST_ISA_BF16DOT): for d >= 16 those products run on AMX
+// tiles (tdpbf16ps) in blocks of 16 queries.
+#ifndef TLFAST_ISA_AMX
+#define TLFAST_ISA_AMX 0
+#endif
 
 namespace tlfast {
 namespace cpu {
 namespace TLFAST_ISA {
 
-#if TLFAST_ISA_AVX512
+#if TLFAST_ISA_AMX && TLFAST_ISA_AVX512
+constexpr int W = 16;
+constexpr int MR = 16;  // an AMX A tile holds 16 query rows
+#elif TLFAST_ISA_AMX && TLFAST_ISA_AVX2
+constexpr int W = 8;    // tests only: the AMX block with the tile operations written out
+constexpr int MR = 16;
+#elif TLFAST_ISA_AVX512
 constexpr int W = 16;   // floats per vector
 constexpr int MR = 12;  // query rows per register block: 12 x 2 accumulators of 32 zmm registers
 #elif TLFAST_ISA_AVX2
@@ -51,6 +67,56 @@ static inline unsigned movemask(vi m) {
 }
 
 static inline vf splat(float x) { return vf{} + x; }
+
+// Low-precision inputs (bf16, fp16) are widened to float32 row by row while packing, so the
+// corpus is never copied to float32 as a whole: the packed panel is the only float32 form.
+// Widening is exact, so the results equal those of the float32 kernel on the widened values.
+static inline float widen(float x) { return x; }
+static inline float widen(bf16_t x) {
+  const uint32_t u = (uint32_t)x.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline float widen(fp16_t x) {
+#if TLFAST_ISA_AVX2
+  return _cvtsh_ss(x.bits);  // F16C (switched on with avx2 in fused_knn_avx2.cpp / _avx512.cpp)
+#else
+  const uint32_t sign = (uint32_t)(x.bits & 0x8000u) << 16, e = (x.bits >> 10) & 0x1fu, man = x.bits & 0x3ffu;
+  uint32_t u;
+  if (e == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (e != 0) {
+    u = sign | ((e + 112u) << 23) | (man << 13);
+  } else {
+    const float f = (float)man * 5.9604644775390625e-8f;  // subnormal: man * 2^-24, exact
+    return sign ? -f : f;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// Row x as float32: itself for float32 input, else widened into scratch (d floats).
+template <typename T>
+static inline const float* float_row(const T* x, int64_t d, float* scratch) {
+  if constexpr (std::is_same<T, float>::value) {
+    return x;
+  } else {
+#if TLFAST_ISA_AVX2
+    if constexpr (std::is_same<T, fp16_t>::value) {
+      int64_t t = 0;
+      for (; t + 8 <= d; t += 8)
+        _mm256_storeu_ps(scratch + t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + t))));
+      for (; t < d; ++t) scratch[t] = widen(x[t]);
+      return scratch;
+    }
+#endif
+    for (int64_t t = 0; t < d; ++t) scratch[t] = widen(x[t]);
+    return scratch;
+  }
+}
 
 // Natural log, vectorised (Cephes logf polynomial on [sqrt(1/2), sqrt(2))).  Relative error
 // below 2e-7 for normal inputs; log(0) returns about -88 (finite), so 0 * log(0) == 0 exactly,
@@ -100,6 +166,145 @@ struct Epilogue {
     return k == k ? k : splat(-INFINITY);  // a NaN never outranks a number
   }
 };
+
+// bf16 products (vdpbf16ps): products of bf16 pairs are exact in fp32 and accumulate in fp32, so
+// the values are those of the float32 kernel on the widened inputs up to the summation order.
+// Panels then hold bf16 pairs (entries t, t+1 of a row in one 32-bit lane): corpus [ceil(d/2)][NR],
+// query micro-panels [ceil(d/2)][ROWS]; both fit the float32 panel buffers (half their size).
+// Cosine rows stay unnormalised (normalising would round them again): its epilogue scales by the
+// inverse norms instead, kept in qterm / cterm.
+template <Metric M, typename T>
+constexpr bool kBf16Pairs = TLFAST_ISA_BF16DOT && std::is_same<T, bf16_t>::value &&
+                            (M == Metric::IP || M == Metric::COSINE || M == Metric::L2);
+
+template <typename T>
+static inline uint32_t bf16_pair(const T* x, int64_t d, int64_t t2) {
+  const uint32_t lo = x[2 * t2].bits, hi = (2 * t2 + 1 < d) ? x[2 * t2 + 1].bits : 0u;
+  return lo | (hi << 16);
+}
+
+#if TLFAST_ISA_BF16DOT
+template <int ROWS>
+static inline void accumulate_bf16_pairs(const uint32_t* __restrict qp, const uint32_t* __restrict cp, int64_t d,
+                                         vf acc[ROWS][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.0f);
+  const int64_t d2 = (d + 1) / 2;
+  for (int64_t t = 0; t < d2; ++t) {
+#if TLFAST_ISA_AVX512
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_load_si512((const void*)(cp + t * NR + v * W));
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qp[t * ROWS + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = (vf)_mm512_dpbf16_ps((__m512)acc[r][v], a, b[v]);
+    }
+#else
+    // vdpbf16ps written out (acc += lo(a) lo(b) + hi(a) hi(b), halves widened exactly): never
+    // dispatched; tests/test_isa_isolation.py builds it for AVX2 to check the pair layout, packing
+    // and epilogue on CPUs without AVX512-BF16.
+    typedef uint32_t vu __attribute__((vector_size(W * 4)));
+    vu b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *(const vu*)(cp + t * NR + v * W);
+    for (int r = 0; r < ROWS; ++r) {
+      const uint32_t a = qp[t * ROWS + r], alo_bits = a << 16, ahi_bits = a & 0xffff0000u;
+      float alo, ahi;
+      std::memcpy(&alo, &alo_bits, 4);
+      std::memcpy(&ahi, &ahi_bits, 4);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] += (vf)(b[v] << 16) * alo + (vf)(b[v] & 0xffff0000u) * ahi;
+    }
+#endif
+  }
+}
+#endif
+
+// AMX: a block of 16 queries x NR corpus rows is NR / 16 fp32 C tiles (16 x 16), accumulated
+// over d in steps of 32 bf16 (16 pairs): A tile = 16 query rows x 16 pairs, B tile = 16 pair-rows of
+// a corpus panel x 16 columns, which is the pair layout above read with stride NR.  So AMX panels
+// are the bf16 pair panels padded with zero pairs to amx_depth(d); query micro-panels are
+// [16][amx_depth(d)] (row-major, as A tiles load).  For d >= 16, amx_depth(d) <= d, so both fit
+// the float32 panel buffers; smaller d uses the vdpbf16ps path.
+template <Metric M, typename T>
+constexpr bool kAmx = TLFAST_ISA_AMX && kBf16Pairs<M, T>;
+constexpr int64_t kAmxMinDim = 16;
+
+static inline int64_t amx_depth(int64_t d) { return ((d + 1) / 2 + 15) / 16 * 16; }
+
+template <Metric M, typename T>
+static inline bool use_amx(int64_t d) {
+  return kAmx<M, T> && d >= kAmxMinDim;
+}
+
+#if TLFAST_ISA_AMX
+#if TLFAST_ISA_AVX512
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every thread that runs tile instructions loads the configuration: tiles 0-1 C, 2 A, 3-4 B, each
+// 16 rows of 64 bytes.  (The process asked the kernel for the tile state once: knn.cpp.)
+static inline void amx_configure() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+static inline void amx_release() { _tile_release(); }
+#else
+static inline void amx_configure() {}
+static inline void amx_release() {}
+#endif
+
+template <int ROWS>
+static inline void accumulate_amx(const uint32_t* __restrict qp, const uint32_t* __restrict cp, int64_t d,
+                                  vf acc[ROWS][NV]) {
+  static_assert(ROWS == 16, "an AMX A tile is 16 rows");
+  const int64_t depth = amx_depth(d);
+  alignas(64) float out[16 * NR];
+#if TLFAST_ISA_AVX512
+  static_assert(NR == 32, "two C tiles per block");
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t kc = 0; kc < depth; kc += 16) {
+    _tile_loadd(2, qp + kc, depth * 4);
+    _tile_loadd(3, cp + kc * NR, NR * 4);
+    _tile_loadd(4, cp + kc * NR + 16, NR * 4);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, out, NR * 4);
+  _tile_stored(1, out + 16, NR * 4);
+#else
+  // tdpbf16ps written out (tests only): C[m][n] += sum_k lo(A[m][k]) lo(B[k][n]) + hi(A[m][k]) hi(B[k][n]).
+  auto half = [](uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  for (int m = 0; m < 16; ++m)
+    for (int j = 0; j < NR; ++j) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < depth; ++t) {
+        const uint32_t a = qp[m * depth + t], b = cp[t * NR + j];
+        sum += half(a << 16) * half(b << 16) + half(a & 0xffff0000u) * half(b & 0xffff0000u);
+      }
+      out[m * NR + j] = sum;
+    }
+#endif
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], out + r * NR + v * W, sizeof(vf));
+}
+#endif
 
 // Inner loop over d for one MR x NR register block.
 template <Metric M, int ROWS>
@@ -223,12 +428,19 @@ static float inverse_norm(const float* x, int64_t d) {
 }
 
 // Corpus panel p: rows [p*NR, p*NR+NR) as [d][NR] (zero padded past n) and their epilogue terms.
-template <Metric M>
-static void pack_panel(const float* c, int64_t n, int64_t d, int64_t p, float* dst, float* cterm) {
+template <Metric M, typename T>
+static void pack_panel(const T* c, int64_t n, int64_t d, int64_t p, float* dst, float* cterm, float* scratch) {
   for (int j = 0; j < NR; ++j) {
     const int64_t row = p * NR + j;
     if (row < n) {
-      const float* x = c + row * d;
+      const float* x = float_row(c + row * d, d, scratch);
+      if constexpr (kBf16Pairs<M, T>) {
+        uint32_t* dst2 = reinterpret_cast<uint32_t*>(dst);
+        const int64_t d2 = (d + 1) / 2, depth = use_amx<M, T>(d) ? amx_depth(d) : d2;
+        for (int64_t t2 = 0; t2 < depth; ++t2) dst2[t2 * NR + j] = t2 < d2 ? bf16_pair(c + row * d, d, t2) : 0u;
+        cterm[j] = (M == Metric::COSINE) ? inverse_norm(x, d) : row_term<M>(x, d, false);
+        continue;
+      }
       const float inv = (M == Metric::COSINE) ? inverse_norm(x, d) : 1.0f;
       for (int64_t t = 0; t < d; ++t) dst[t * NR + j] = corpus_entry<M>(x[t], inv);
       cterm[j] = row_term<M>(x, d, false);
@@ -239,28 +451,49 @@ static void pack_panel(const float* c, int64_t n, int64_t d, int64_t p, float* d
   }
 }
 
-template <Metric M>
-static void pack_corpus(const float* c, int64_t n, int64_t d, float* packed, float* cterm, int threads) {
+template <Metric M, typename T>
+static void pack_corpus(const T* c, int64_t n, int64_t d, float* packed, float* cterm, int threads) {
   const int64_t panels = (n + NR - 1) / NR;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t p = 0; p < panels; ++p) pack_panel<M>(c, n, d, p, packed + p * d * NR, cterm + p * NR);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scratch(std::is_same<T, float>::value ? 0 : d);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p)
+      pack_panel<M>(c, n, d, p, packed + p * d * NR, cterm + p * NR, scratch.data());
+  }
 }
 
 // Query micro-panels: rows [r0, r0 + rows) of q as consecutive [d][ROWS] panels.
-template <Metric M, int ROWS>
-static void pack_queries(const float* q, int64_t nq, int64_t d, int64_t r0, int64_t rows, float* packed,
-                         float* qterm) {
+template <Metric M, int ROWS, typename T>
+static void pack_queries(const T* q, int64_t nq, int64_t d, int64_t r0, int64_t rows, float* packed,
+                         float* qterm, float* scratch) {
   for (int64_t i = 0; i < rows; i += ROWS) {
     float* dst = packed + i * d;
     for (int r = 0; r < ROWS; ++r) {
       const int64_t row = r0 + i + r;
       if (row < nq) {
-        const float* x = q + row * d;
+        const float* x = float_row(q + row * d, d, scratch);
+        if constexpr (kBf16Pairs<M, T>) {
+          uint32_t* dst2 = reinterpret_cast<uint32_t*>(dst);
+          const int64_t d2 = (d + 1) / 2;
+          if (use_amx<M, T>(d)) {
+            const int64_t depth = amx_depth(d);
+            for (int64_t t2 = 0; t2 < depth; ++t2) dst2[r * depth + t2] = t2 < d2 ? bf16_pair(q + row * d, d, t2) : 0u;
+          } else {
+            for (int64_t t2 = 0; t2 < d2; ++t2) dst2[t2 * ROWS + r] = bf16_pair(q + row * d, d, t2);
+          }
+          qterm[i + r] = (M == Metric::COSINE) ? inverse_norm(x, d) : row_term<M>(x, d, true);
+          continue;
+        }
         const float inv = (M == Metric::COSINE) ? inverse_norm(x, d) : 1.0f;
         for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = x[t] * inv;
         qterm[i + r] = row_term<M>(x, d, true);
       } else {
-        for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = 0.0f;
+        if (use_amx<M, T>(d)) {  // AMX micro-panels are row-major, [ROWS][amx_depth(d)]
+          for (int64_t t2 = 0; t2 < amx_depth(d); ++t2) dst[r * amx_depth(d) + t2] = 0.0f;
+        } else {
+          for (int64_t t = 0; t < d; ++t) dst[t * ROWS + r] = 0.0f;
+        }
         qterm[i + r] = 0.0f;
       }
     }
@@ -275,8 +508,8 @@ static int64_t query_block_rows(int64_t d, int rows) {
   return mb / rows * rows;
 }
 
-template <Metric M>
-static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, int64_t k,
+template <Metric M, typename T>
+static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, int64_t k,
                      bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
   using E = Epilogue<M>;
   constexpr int ROWS = E::ROWS;
@@ -319,7 +552,10 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
     Buffer qpacked = aligned_floats((size_t)mb * d);
     Buffer cbuf = aligned_floats(prepack ? 0 : (size_t)d * NR);
     Buffer cbuf_term = aligned_floats(NR);
-    std::vector<float> qterm(mb), thr(mb);
+    std::vector<float> qterm(mb), thr(mb), scratch(std::is_same<T, float>::value ? 0 : d);
+#if TLFAST_ISA_AMX
+    if (use_amx<M, T>(d)) amx_configure();
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qblocks * segments; ++item) {
       const int64_t qb = item / segments, seg = item % segments;
@@ -327,7 +563,7 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
       const int64_t rows_padded = (rows + ROWS - 1) / ROWS * ROWS;
       const int64_t p0 = seg * panels_per_seg, p1 = std::min(panels, p0 + panels_per_seg);
       if (p0 >= p1) continue;
-      pack_queries<M, ROWS>(q, nq, d, r0, rows_padded, qpacked.get(), qterm.data());
+      pack_queries<M, ROWS>(q, nq, d, r0, rows_padded, qpacked.get(), qterm.data(), scratch.data());
       std::vector<TopK> heaps(rows);
       for (int64_t r = 0; r < rows; ++r) {
         const size_t off = ((size_t)seg * nq + r0 + r);
@@ -341,7 +577,7 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
           cp = cpacked.get() + p * d * NR;
           ctp = cterm.get() + p * NR;
         } else {
-          pack_panel<M>(c, n, d, p, cbuf.get(), cbuf_term.get());
+          pack_panel<M>(c, n, d, p, cbuf.get(), cbuf_term.get(), scratch.data());
           cp = cbuf.get();
           ctp = cbuf_term.get();
         }
@@ -349,7 +585,23 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
         const unsigned valid = (n - col0 >= NR) ? (unsigned)((1ull << NR) - 1) : (unsigned)((1ull << (n - col0)) - 1);
         for (int64_t i = 0; i < rows_padded; i += ROWS) {
           vf acc[ROWS][NV];
-          accumulate<M, ROWS>(qpacked.get() + i * d, cp, d, acc);
+#if TLFAST_ISA_AMX
+          if constexpr (kAmx<M, T>) {
+            if (d >= kAmxMinDim)
+              accumulate_amx<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                   reinterpret_cast<const uint32_t*>(cp), d, acc);
+            else
+              accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                          reinterpret_cast<const uint32_t*>(cp), d, acc);
+          } else
+#endif
+#if TLFAST_ISA_BF16DOT
+          if constexpr (kBf16Pairs<M, T>)
+            accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                        reinterpret_cast<const uint32_t*>(cp), d, acc);
+          else
+#endif
+            accumulate<M, ROWS>(qpacked.get() + i * d, cp, d, acc);
           const int rmax = (int)std::min<int64_t>(ROWS, rows - i);
           for (int r = 0; r < rmax; ++r) {
             const int64_t row = i + r;
@@ -359,7 +611,8 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) {
               const vf ct = *(const vf*)(ctp + v * W);
-              keys[v] = E::key(E::value(acc[r][v], qterm[row], ct));
+              keys[v] = (kBf16Pairs<M, T> && M == Metric::COSINE) ? E::key(acc[r][v] * (ct * qterm[row]))
+                                                                  : E::key(E::value(acc[r][v], qterm[row], ct));
               hits |= movemask(keys[v] >= t) << (v * W);
             }
             hits &= valid;
@@ -382,6 +635,9 @@ static void knn_impl(const float* q, int64_t nq, const float* c, int64_t n, int6
       }
       for (int64_t r = 0; r < rows; ++r) hsize[(size_t)seg * nq + r0 + r] = heaps[r].size;
     }
+#if TLFAST_ISA_AMX
+    if (use_amx<M, T>(d)) amx_release();
+#endif
 
     // Merge the segments' lists and order each query's k best, best first, ties by index.
 #pragma omp for schedule(static)
@@ -426,7 +682,7 @@ static void pairwise_impl(const float* q, int64_t nq, const float* c, int64_t n,
     for (int64_t qb = 0; qb < qblocks; ++qb) {
       const int64_t r0 = qb * mb, rows = std::min(mb, nq - r0);
       const int64_t rows_padded = (rows + ROWS - 1) / ROWS * ROWS;
-      pack_queries<M, ROWS>(q, nq, d, r0, rows_padded, qpacked.get(), qterm.data());
+      pack_queries<M, ROWS>(q, nq, d, r0, rows_padded, qpacked.get(), qterm.data(), nullptr);
       for (int64_t p = 0; p < panels; ++p) {
         const float* cp = cpacked.get() + p * d * NR;
         const int64_t col0 = p * NR, cols = std::min<int64_t>(NR, n - col0);
@@ -449,8 +705,9 @@ static void pairwise_impl(const float* q, int64_t nq, const float* c, int64_t n,
   }
 }
 
-void knn(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, int64_t k, Metric metric,
-         bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
+template <typename T>
+static void knn_any(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, int64_t k, Metric metric,
+                    bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
   switch (metric) {
     case Metric::IP: return knn_impl<Metric::IP>(q, nq, c, n, d, k, exclude_self, threads, out_values, out_idx);
     case Metric::COSINE: return knn_impl<Metric::COSINE>(q, nq, c, n, d, k, exclude_self, threads, out_values, out_idx);
@@ -458,6 +715,19 @@ void knn(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, int64
     case Metric::KL: return knn_impl<Metric::KL>(q, nq, c, n, d, k, exclude_self, threads, out_values, out_idx);
     case Metric::JS: return knn_impl<Metric::JS>(q, nq, c, n, d, k, exclude_self, threads, out_values, out_idx);
   }
+}
+
+void knn(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, int64_t k, Metric metric,
+         bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
+  knn_any(q, nq, c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
+}
+
+void knn_half(const uint16_t* q, int64_t nq, const uint16_t* c, int64_t n, int64_t d, int64_t k, Metric metric,
+              HalfType type, bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
+  if (type == HalfType::BF16)
+    knn_any((const bf16_t*)q, nq, (const bf16_t*)c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
+  else
+    knn_any((const fp16_t*)q, nq, (const fp16_t*)c, n, d, k, metric, exclude_self, threads, out_values, out_idx);
 }
 
 void pairwise(const float* q, int64_t nq, const float* c, int64_t n, int64_t d, Metric metric, int threads,

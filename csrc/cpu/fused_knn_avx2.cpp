@@ -2,7 +2,7 @@
 // after the standard headers, so that no library code is compiled for it (see fused_knn_std.h).
 #include "fused_knn_std.h"
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define TLFAST_ISA avx2
 #define TLFAST_ISA_AVX512 0
 #define TLFAST_ISA_AVX2 1

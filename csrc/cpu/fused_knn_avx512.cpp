@@ -2,7 +2,7 @@
 // after the standard headers, so that no library code is compiled for it (see fused_knn_std.h).
 #include "fused_knn_std.h"
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 #define TLFAST_ISA avx512
 #define TLFAST_ISA_AVX512 1
 #define TLFAST_ISA_AVX2 1

@@ -17,6 +17,17 @@ from . import BackendInfo
 NAME = "triton"
 
 
+# Exact mode's screening (tlfast/precision.py) on the GPU: an fp16 tensor-core kNN of k' > k
+# candidates (fp16's bound is 8x tighter than bf16's, so k' stays small), certified by the error
+# bound and re-ranked exactly, instead of the 3xTF32 float32 products.  Not yet measured on a GPU
+# (benchmarks/gpu_check.sh times it), so `auto` does not pick it; TLFAST_SCREEN=always does.
+SCREEN_DTYPE = torch.float16
+
+
+def screen_pays(device: torch.device, metric: Metric) -> bool:
+    return False
+
+
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -128,6 +128,7 @@ def _knn_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  # as i
     # real word, so they are never the minimum and the list's minimum is always the k-th best.
     init = tl.where(slot < k, _NEVER + 1 + slot, _MAX_WORD - slot)
     best = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int64) + init[None, :]
+    thr = tl.min(best, 1)
     col_start = split.to(tl.int64) * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for c0 in range(col_start, col_end, BLOCK_N):
@@ -138,7 +139,7 @@ def _knn_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  # as i
         invalid = (cols >= col_end)[None, :] | (rows >= nq)[:, None]
         if EXCLUDE_SELF:
             invalid = invalid | (rows[:, None] == cols[None, :])
-        best = merge_tile(best, value, cols, invalid, SMALLER_IS_BETTER)
+        best, thr = merge_tile(best, thr, value, cols, invalid, SMALLER_IS_BETTER)
     out = out_ptr + (split.to(tl.int64) * nq + rows[:, None]) * k + slot[None, :]
     tl.store(out, best, mask=(rows[:, None] < nq) & (slot[None, :] < k))
 
@@ -158,15 +159,42 @@ def _pairwise_kernel(q_ptr, c_ptr, craw_ptr, qterm_ptr, cterm_ptr, czero_ptr,  #
              mask=(rows[:, None] < nq) & (cols[None, :] < n))
 
 
-def _gpu_configs(js: bool) -> list[triton.Config]:
-    # js holds a (BLOCK_M, BLOCK_N, BLOCK_D) block of s log s, so its BLOCK_D stays small.  The
-    # first config is the one used without autotuning.  Few configs: each is compiled and timed
-    # once per (d, metric, k) on the real problem.
-    if js:
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=4, num_stages=2)
-                for bn, bd in ((64, 4), (32, 8), (64, 8))]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=3)
-            for bn, bd, w in ((128, 64, 8), (64, 64, 4), (128, 32, 4), (64, 32, 4))]
+# Launch configurations, chosen from the static compile table (benchmarks/results/gpu-static.md,
+# docs/design/gpu.md): every one compiles for sm_80 and sm_90 without spills, and every GEMM one
+# runs its product on wgmma on sm_90.  BLOCK_M is 64 for the GEMM metrics whatever k (one Hopper
+# warpgroup's wgmma is 64 rows tall: 32-row tiles fall back to mma.sync); js has no product and
+# keeps 32 rows, whose (BLOCK_M, BLOCK_N, BLOCK_D) block of s log s is what its registers hold.
+# fp32 operands (3xTF32: three products on hi/lo splits) take BLOCK_D 16 and kl (two products:
+# log c and the zero-support count) BLOCK_D 32: the depths at which sm_80's mma.sync keeps its
+# operands in registers without spilling (at 64 / 32 it spills).
+# Keys: (family, K_PAD > SMALL_K).  The first config of each list is the one used without
+# autotuning; few configs, since each is compiled and timed once per autotune key.
+SMALL_K = 32
+_CONFIGS = {
+    ("gemm", False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("gemm", True): [(64, 64, 8, 3), (128, 64, 8, 3)],
+    ("gemm-kl", False): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    ("gemm-kl", True): [(64, 32, 8, 3), (128, 32, 8, 3)],
+    ("gemm-tf32x3", False): [(64, 16, 8, 3)],
+    ("gemm-tf32x3", True): [(64, 16, 8, 3)],
+    ("js", False): [(64, 4, 4, 2)],
+    ("js", True): [(64, 4, 8, 2)],
+}
+
+
+def _family(metric: Metric, precision: str | None) -> str:
+    if metric.name == "js":
+        return "js"
+    return "gemm-tf32x3" if precision == "tf32x3" else ("gemm-kl" if metric.name == "kl" else "gemm")
+
+
+def _gpu_configs(family: str, large_k: bool = False) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bn, bd, w, st in _CONFIGS[(family, large_k)]]
+
+
+def _block_m(js: bool) -> int:
+    return 32 if js and not INTERPRET else 64  # the interpreter: fewer, larger programs
 
 
 # TLFAST_TRITON_AUTOTUNE=0 launches the first config instead of tuning (bounded compile time, for
@@ -177,26 +205,34 @@ _INTERPRET_META = {"BLOCK_N": 128, "BLOCK_D": 64}
 _INTERPRET_META_JS = {"BLOCK_N": 128, "BLOCK_D": 32}
 
 
-def _tuned(kernel, js: bool, key: list[str]):
-    return triton.autotune(configs=_gpu_configs(js), key=key)(kernel) if AUTOTUNE else kernel
+def _pairwise_configs(family: str) -> list[triton.Config]:
+    # The tile writer of the two-stage path and of pairwise(): the first config only (the second
+    # 4-warp kl config spills 32 B on sm_80 here), so its autotuning compiles once.
+    return _gpu_configs(family)[:1]
+
+
+def _tuned(kernel, configs: list[triton.Config], key: list[str]):
+    return triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else kernel
 
 
 _KNN_KEY = ["d", "METRIC", "K_PAD", "EXCLUDE_SELF"]
-_knn_gemm = _tuned(_knn_kernel, False, _KNN_KEY)
-_knn_js = _tuned(_knn_kernel, True, _KNN_KEY)
-_pairwise_gemm = _tuned(_pairwise_kernel, False, ["d", "METRIC"])
-_pairwise_js = _tuned(_pairwise_kernel, True, ["d", "METRIC"])
+_KNN = {key: _tuned(_knn_kernel, _gpu_configs(*key), _KNN_KEY) for key in _CONFIGS}
+_PAIRWISE = {family: _tuned(_pairwise_kernel, _pairwise_configs(family), ["d", "METRIC"])
+             for family, large in _CONFIGS if not large}
 
 
-def _meta(metric: Metric) -> dict:
+def _meta(metric: Metric, family: str, large_k: bool = False) -> dict:
     """Launch meta-parameters that autotuning does not supply."""
-    js = metric.name == "js"
     if INTERPRET:
-        return dict(_INTERPRET_META_JS if js else _INTERPRET_META)
+        return dict(_INTERPRET_META_JS if family == "js" else _INTERPRET_META)
     if AUTOTUNE:
         return {}
-    cfg = _gpu_configs(js)[0]
+    cfg = _gpu_configs(family, large_k)[0]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _k_pad(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
 
 
 class _Operands:
@@ -250,11 +286,6 @@ def _row_map(x: torch.Tensor, fn) -> torch.Tensor:
     return out
 
 
-def _block_m(k_pad: int) -> int:
-    # The running list is BLOCK_M x K_PAD int64 words in registers: fewer rows for longer lists.
-    return 64 if (INTERPRET or k_pad <= 32) else 32
-
-
 def _auto_splits(q_blocks: int, n: int, device: torch.device) -> int:
     """Corpus splits so that the grid fills the device about twice over (1 under the interpreter)."""
     if INTERPRET or device.type != "cuda":
@@ -274,18 +305,20 @@ def knn(q: torch.Tensor, c: torch.Tensor, k: int, metric: Metric, exclude_self: 
     else:
         nq, d = ops.q.shape
         n = ops.c.shape[0]
-        k_pad = max(16, triton.next_power_of_2(k))
-        block_m = _block_m(k_pad)
+        js = metric.name == "js"
+        k_pad = _k_pad(k)
+        large_k = k_pad > SMALL_K
+        block_m = _block_m(js)
         q_blocks = triton.cdiv(nq, block_m)
         splits = splits or _auto_splits(q_blocks, n, q.device)
         cols_per_split = triton.cdiv(triton.cdiv(n, splits), 256) * 256
         splits = triton.cdiv(n, cols_per_split)
         partial = torch.empty(splits, nq, k, dtype=torch.int64, device=q.device)
-        kernel = _knn_js if metric.name == "js" else _knn_gemm
-        kernel[(q_blocks, splits)](
+        family = _family(metric, ops.precision)
+        _KNN[(family, large_k)][(q_blocks, splits)](
             *ops.pointers(), partial, nq, n, d, k, cols_per_split, ops.q.stride(0), ops.c.stride(0),
             METRIC=metric.code, SMALLER_IS_BETTER=metric.smaller_is_better, EXCLUDE_SELF=exclude_self,
-            K_PAD=k_pad, BLOCK_M=block_m, PRECISION=ops.precision, **_meta(metric))
+            K_PAD=k_pad, BLOCK_M=block_m, PRECISION=ops.precision, **_meta(metric, family, large_k))
         words = top_words(partial.permute(1, 0, 2).reshape(nq, splits * k), k)
     return unpack_words(words, metric.smaller_is_better)
 
@@ -294,10 +327,12 @@ def _launch_pairwise(ops: _Operands, out: torch.Tensor, q_rows: slice, c_rows: s
     q, c, craw, qterm, cterm, czero = ops.pointers(q_rows, c_rows)
     nq, d = q.shape
     n = c.shape[0]
-    kernel = _pairwise_js if ops.metric.name == "js" else _pairwise_gemm
+    js = ops.metric.name == "js"
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_M"]))  # noqa: E731
-    kernel[grid](q, c, craw, qterm, cterm, czero, out, nq, n, d, q.stride(0), c.stride(0), out.stride(0),
-                 METRIC=ops.metric.code, BLOCK_M=64, PRECISION=ops.precision, **_meta(ops.metric))
+    family = _family(ops.metric, ops.precision)
+    _PAIRWISE[family][grid](q, c, craw, qterm, cterm, czero, out, nq, n, d, q.stride(0), c.stride(0), out.stride(0),
+                            METRIC=ops.metric.code, BLOCK_M=_block_m(js), PRECISION=ops.precision,
+                            **_meta(ops.metric, family))
 
 
 def _knn_two_stage(ops: _Operands, k: int, exclude_self: bool) -> torch.Tensor:
@@ -332,3 +367,45 @@ def pairwise(q: torch.Tensor, c: torch.Tensor, metric: Metric) -> torch.Tensor:
     out = torch.empty(ops.q.shape[0], ops.c.shape[0], dtype=torch.float32, device=q.device)
     _launch_pairwise(ops, out, slice(None), slice(None))
     return out
+
+
+# Operand dtypes the launchers pass (float64 is computed in float32: see _Operands).
+_STATIC_DTYPES = {"fp16": None, "bf16": None, "fp32": "tf32x3"}
+# Arguments the launchers pass 16-aligned / divisible by 16 for the usual feature widths (d % 16 ==
+# 0): the specialisation Triton compiles for them, and the one the static table describes.
+_ALIGNED = ("q_ptr", "c_ptr", "craw_ptr", "qterm_ptr", "cterm_ptr", "czero_ptr", "out_ptr", "d", "stride_q",
+            "stride_c", "cols_per_split", "stride_out")
+
+
+def static_specs() -> list:
+    """Every specialisation knn() and pairwise() can launch on a GPU: metric x operand dtype x
+    K_PAD x exclude_self x each config of its autotune list (tlfast.triton.static_check)."""
+    from .static_check import KernelSpec
+    from ..metrics import METRICS
+    specs = []
+    operands = ("q_ptr", "c_ptr", "craw_ptr")
+    for name, metric in sorted(METRICS.items(), key=lambda kv: kv[1].code):
+        js = name == "js"
+        for dt, precision in _STATIC_DTYPES.items():
+            ptrs = tuple((a, "*" + dt) for a in operands) + (
+                ("qterm_ptr", "*fp32"), ("cterm_ptr", "*fp32"), ("czero_ptr", "*i8"))
+            base = dict(METRIC=metric.code, BLOCK_M=_block_m(js), PRECISION=precision)
+            for k_pad in (16, 32, 64, FUSED_MAX_K):
+                large_k = k_pad > SMALL_K
+                for exclude_self in (False, True):
+                    for cfg in _gpu_configs(_family(metric, precision), large_k):
+                        const = dict(base, SMALLER_IS_BETTER=metric.smaller_is_better, EXCLUDE_SELF=exclude_self,
+                                     K_PAD=k_pad, **cfg.kwargs)
+                        sig = ptrs + (("out_ptr", "*i64"),) + tuple(
+                            (a, "i32") for a in ("nq", "n", "d", "k", "cols_per_split", "stride_q", "stride_c"))
+                        specs.append(KernelSpec(__name__, "_knn_kernel", f"knn {name} {dt} K_PAD={k_pad}"
+                                                + (" exclude_self" if exclude_self else ""), sig,
+                                                tuple(const.items()), cfg.num_warps, cfg.num_stages, not js, _ALIGNED,
+                                                f"{_family(metric, precision)} large_k={large_k}"))
+            for cfg in _pairwise_configs(_family(metric, precision)):
+                sig = ptrs + (("out_ptr", "*fp32"),) + tuple(
+                    (a, "i32") for a in ("nq", "n", "d", "stride_q", "stride_c", "stride_out"))
+                specs.append(KernelSpec(__name__, "_pairwise_kernel", f"pairwise {name} {dt}", sig,
+                                        tuple(dict(base, **cfg.kwargs).items()), cfg.num_warps, cfg.num_stages,
+                                        not js, _ALIGNED, _family(metric, precision)))
+    return specs

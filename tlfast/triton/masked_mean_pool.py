@@ -50,6 +50,33 @@ def _masked_mean_pool_kernel(
     tl.store(out_ptr + b * D + offs_d, v, mask=d_ok)
 
 
+def _blocks(steps: int, dim: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(dim)
+    # Keep the (BLOCK_T, BLOCK_D) tile at <= 8K elements: 32 registers a thread at 4 warps.
+    return max(1, min(triton.next_power_of_2(max(steps, 1)), 8192 // block_d)), block_d
+
+
+# Feature widths of the extractors' text backbones (MiniLM 384, BERT-base 768, BERT-large 1024).
+_STATIC_DIMS = (384, 768, 1024)
+
+
+def static_specs() -> list:
+    """The launches of masked_mean_pool for long batches (tlfast.triton.static_check): x dtype x
+    width x normalize, with an int64 attention mask."""
+    from .static_check import KernelSpec
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for dim in _STATIC_DIMS:
+            block_t, block_d = _blocks(512, dim)
+            for normalize in (True, False):
+                sig = (("x_ptr", "*" + dt), ("mask_ptr", "*i64"), ("out_ptr", "*fp32"), ("T", "i32"), ("D", "i32"))
+                const = dict(NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_D=block_d)
+                specs.append(KernelSpec(__name__, "_masked_mean_pool_kernel",
+                                        f"masked_mean_pool {dt} D={dim}" + ("" if normalize else " raw"), sig,
+                                        tuple(const.items()), 4, 3, False, ("x_ptr", "mask_ptr", "out_ptr", "T", "D")))
+    return specs
+
+
 def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """(B, D) float32 masked mean of ``x`` (B, T, D) over T, L2-normalised if ``normalize``.
 
@@ -61,9 +88,7 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor, normalize: bool = True
     out = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
     if batch == 0:
         return out
-    block_d = triton.next_power_of_2(dim)
-    # Keep the (BLOCK_T, BLOCK_D) tile at <= 8K elements: 32 registers a thread at 4 warps.
-    block_t = max(1, min(triton.next_power_of_2(max(steps, 1)), 8192 // block_d))
+    block_t, block_d = _blocks(steps, dim)
     _masked_mean_pool_kernel[(batch,)](x, mask, out, steps, dim, NORMALIZE=normalize, BLOCK_T=block_t,
                                        BLOCK_D=block_d)
     return out
