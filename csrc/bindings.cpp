@@ -16,6 +16,7 @@
 #include "cpu/knn.h"
 #include "cpu/pool.h"
 #include "cpu/preprocess.h"
+#include "cpu/sinkhorn.h"
 #include "cuda/device.h"
 #ifdef TLFAST_WITH_CUDA
 #include "cuda/divergence.h"
@@ -120,6 +121,42 @@ py::array_t<float> pairwise_cpu(const py::array& q, const py::array& c, int metr
     tlfast::cpu::pairwise(qp, nq, cp, n, d, m, threads, op);
   }
   return out;
+}
+
+// One fused Sinkhorn half-iteration (csrc/cpu/sinkhorn.h): row log-sum-exps of
+// scale * <u_i, v_j> + beta_j and, with cost_col given, the softmax-weighted mean cost per row.
+py::tuple sinkhorn_lse_cpu(const py::array& u, const py::array& v, float scale, const py::array& beta, float alpha,
+                           const py::object& cost_col, int threads) {
+  check_matrix(u, "u");
+  check_matrix(v, "v");
+  if (u.shape(1) != v.shape(1)) throw py::value_error("u and v must have the same dim");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const int64_t n = u.shape(0), m = v.shape(0), d = u.shape(1);
+  auto check_vector = [m](const py::array& a, const char* name) {
+    if (!a.dtype().is(py::dtype::of<float>())) throw py::type_error(std::string(name) + " must be a float32 array");
+    if (a.ndim() != 1 || a.shape(0) != m) throw py::value_error(std::string(name) + " must have shape (len(v),)");
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  };
+  check_vector(beta, "beta");
+  const bool with_cost = !cost_col.is_none();
+  py::array cc;
+  if (with_cost) {
+    cc = cost_col.cast<py::array>();
+    check_vector(cc, "cost_col");
+  }
+  py::array_t<float> lse(n);
+  py::array_t<float> cost(with_cost ? n : 0);
+  const float* up = static_cast<const float*>(u.data());
+  const float* vp = static_cast<const float*>(v.data());
+  const float* bp = static_cast<const float*>(beta.data());
+  const float* cp = with_cost ? static_cast<const float*>(cc.data()) : nullptr;
+  float* lp = lse.mutable_data();
+  float* op = with_cost ? cost.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    tlfast::cpu::lse_rows(up, n, vp, m, d, scale, bp, alpha, cp, threads, lp, op);
+  }
+  return py::make_tuple(lse, cost);
 }
 
 py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
@@ -288,6 +325,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("half_type"), "Kernel knn_cpu_half uses on this machine for bf16 (0) / fp16 (1).");
   m.def("pairwise_cpu", &pairwise_cpu, py::arg("queries"), py::arg("corpus"), py::arg("metric"),
         py::arg("threads"), "Full (nq, n) float32 matrix of metric values.");
+  m.def("sinkhorn_lse_cpu", &sinkhorn_lse_cpu, py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("beta"),
+        py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
+        "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

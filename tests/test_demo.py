@@ -26,7 +26,10 @@ def _check_outputs(out, results):
         assert row["no shift (reference)"] > row["shifted"]
     assert results["mmd2_after"] < results["mmd2_before"] / 5
     assert results["matches"]["after"]["pairs"] > results["matches"]["before"]["pairs"]
-    assert set(results["seconds"]) >= {"extract", "match", "align (CORAL)", "train + predict (knn)"}
+    assert set(results["seconds"]) >= {"extract", "match", "align (CORAL)", "align (OT)", "train + predict (knn)"}
+    assert "shifted + OT" in report
+    for row in results["accuracy"]:
+        assert 0.0 <= row["shifted + OT"] <= 1.0
 
 
 def test_raw_fallback_is_labelled_and_coral_helps(tmp_path):

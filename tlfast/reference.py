@@ -13,7 +13,7 @@ import torch
 
 from .metrics import Metric, get_metric
 
-__all__ = ["pairwise", "knn", "pairwise_tile"]
+__all__ = ["pairwise", "knn", "pairwise_tile", "cost_tile", "sinkhorn"]
 
 QUERY_CHUNK = 1024
 CORPUS_CHUNK = 8192
@@ -113,3 +113,82 @@ def knn(queries: torch.Tensor, corpus: torch.Tensor, k: int, metric: str | Metri
         values[i:i + rows] = best_bad * sign if sign < 0 else best_bad
         indices[i:i + rows] = best_idx
     return values, indices
+
+
+def cost_tile(q: torch.Tensor, c: torch.Tensor, metric: str | Metric) -> torch.Tensor:
+    """The transport cost of ``metric`` in float64: l2 and kl as they are, 1 - cos for cosine,
+    -<q, c> for ip (a cost is smaller-is-better)."""
+    m = get_metric(metric)
+    v = pairwise_tile(q, c, m)
+    if m.name == "cosine":
+        return 1.0 - v
+    return -v if m.name == "ip" else v
+
+
+def _lse_rows(x: torch.Tensor, y: torch.Tensor, metric: str | Metric, eps: float, bias: torch.Tensor,
+              transpose: bool) -> torch.Tensor:
+    """log Σ_j exp(bias_j - C_ij / eps) for every row i of x (C = metric(x_i, y_j)), or, with
+    ``transpose``, log Σ_i exp(bias_i - C_ij / eps) for every row j of y; in float64, in tiles."""
+    rows, cols = (y, x) if transpose else (x, y)
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, rows.shape[0], QUERY_CHUNK):
+        acc = torch.full((min(QUERY_CHUNK, rows.shape[0] - i),), -math.inf, dtype=torch.float64, device=x.device)
+        for j in range(0, cols.shape[0], CORPUS_CHUNK):
+            if transpose:
+                c = cost_tile(cols[j:j + CORPUS_CHUNK], rows[i:i + QUERY_CHUNK], metric).T
+            else:
+                c = cost_tile(rows[i:i + QUERY_CHUNK], cols[j:j + CORPUS_CHUNK], metric)
+            z = bias[j:j + CORPUS_CHUNK][None, :] - c / eps
+            acc = torch.logaddexp(acc, torch.logsumexp(z, dim=1))
+        out[i:i + acc.shape[0]] = acc
+    return out
+
+
+def sinkhorn(source: torch.Tensor, target: torch.Tensor, metric: str | Metric = "l2", reg: float = 0.05, *,
+             a: torch.Tensor | None = None, b: torch.Tensor | None = None, unbalanced: float | None = None,
+             max_iter: int = 1000, tol: float = 1e-6) -> dict:
+    """Log-domain Sinkhorn, the oracle of ``tlfast.ot.sinkhorn``: float64, tiles of the cost only.
+
+    The iteration is POT's ``ot.sinkhorn(a, b, M, reg, method="sinkhorn_log")`` with M the
+    :func:`cost_tile` of the metric, written with the dual potentials in cost units (P_ij = a_i b_j exp((f_i + g_j - C_ij) / ε),
+    so POT's log u = f / ε + log a):
+
+        g_j = -ε log Σ_i a_i exp((f_i - C_ij) / ε)        then
+        f_i = -ε log Σ_j b_j exp((g_j - C_ij) / ε)
+
+    and it stops when the column marginal error ‖P 1 - b‖₂ (rows are exact after the f update) is
+    at most ``tol``, checked every iteration.  ``unbalanced=ρ`` damps each update by ρ / (ρ + ε)
+    (KL marginal penalties of weight ρ, POT's ``sinkhorn_unbalanced`` with reg_m = ρ) and stops on
+    the largest change of a potential instead.  No ε-scaling: this is the plain fixed point.
+
+    Returns a dict: f, g (float64), cost Σ P_ij C_ij, n_iter, marginal_error.
+    """
+    x, y = source, target
+    n, m = x.shape[0], y.shape[0]
+    dev = x.device
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=dev) if a is None else a.double()
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64, device=dev) if b is None else b.double()
+    la, lb = a.log(), b.log()
+    damp = 1.0 if unbalanced is None else unbalanced / (unbalanced + reg)
+    f = torch.zeros(n, dtype=torch.float64, device=dev)
+    g = torch.zeros(m, dtype=torch.float64, device=dev)
+    err, it = math.inf, 0
+    for it in range(1, max_iter + 1):
+        g_new = -damp * reg * _lse_rows(x, y, metric, reg, la + f / reg, transpose=True)
+        f_new = -damp * reg * _lse_rows(x, y, metric, reg, lb + g_new / reg, transpose=False)
+        if unbalanced is None:
+            col = b * torch.exp(g_new / reg + _lse_rows(x, y, metric, reg, la + f_new / reg, transpose=True))
+            err = float(torch.linalg.vector_norm(col - b))
+        else:
+            err = float(torch.maximum((f_new - f).abs().max(), (g_new - g).abs().max()))
+        f, g = f_new, g_new
+        if err <= tol:
+            break
+    cost = 0.0
+    for i in range(0, n, QUERY_CHUNK):
+        for j in range(0, m, CORPUS_CHUNK):
+            c = cost_tile(x[i:i + QUERY_CHUNK], y[j:j + CORPUS_CHUNK], metric)
+            logp = (la[i:i + QUERY_CHUNK, None] + lb[None, j:j + CORPUS_CHUNK]
+                    + (f[i:i + QUERY_CHUNK, None] + g[None, j:j + CORPUS_CHUNK] - c) / reg)
+            cost += float((torch.exp(logp) * torch.nan_to_num(c, posinf=0.0)).sum())
+    return {"f": f, "g": g, "cost": cost, "n_iter": it, "marginal_error": err}

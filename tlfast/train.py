@@ -360,7 +360,9 @@ def transfer(source_x: Any, source_y: Any, target_x: Any, *, method: str = "knn"
         method: "knn" (:class:`KNNClassifier` / :class:`KNNRegressor`) or "probe" (:class:`LinearProbe`
             / :class:`RidgeProbe`); ``params`` go to it.
         align: None, or "coral" to re-colour the source features to the target's covariance and
-            mean first (:func:`tlfast.domain.coral`).
+            mean first (:func:`tlfast.domain.coral`), or "ot" to move them onto the target by the
+            optimal-transport barycentric map (:func:`tlfast.domain.ot_align`; ``ot_reg`` in
+            ``params`` sets its ε, default 1.0 in squared-l2 units).
         task: "classification" or "regression".
 
     Returns:
@@ -373,8 +375,11 @@ def transfer(source_x: Any, source_y: Any, target_x: Any, *, method: str = "knn"
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if method not in models[task]:
         raise ValueError(f"method must be one of {sorted(models[task])}, got {method!r}")
-    if align not in (None, "coral"):
-        raise ValueError(f"align must be None or 'coral', got {align!r}")
+    if align not in (None, "coral", "ot"):
+        raise ValueError(f"align must be None, 'coral' or 'ot', got {align!r}")
+    ot_reg = params.pop("ot_reg", 1.0)
     if align == "coral":
         source_x = domain.coral(source_x, target_x)
+    elif align == "ot":
+        source_x = domain.ot_align(source_x, target_x, reg=ot_reg)
     return models[task][method](**params).fit(source_x, source_y).predict(target_x)
