@@ -29,8 +29,15 @@ using tlfast::cpu::Metric;
 
 namespace {
 
+// dtype equivalence (numpy's PyArray_EquivTypes: same type, native byte order), not identity of
+// the dtype object: an array that went through pickle carries an equal but distinct dtype object.
+template <typename T>
+bool has_dtype(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);
+}
+
 void check_matrix(const py::array& a, const char* name) {
-  if (!py::isinstance<py::array_t<float>>(a) || !a.dtype().is(py::dtype::of<float>()))
+  if (!has_dtype<float>(a))
     throw py::type_error(std::string(name) + " must be a float32 array");
   if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D (rows, dim)");
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
@@ -157,8 +164,8 @@ py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
   if (!(x.flags() & py::array::c_style)) throw py::value_error("x must be C-contiguous");
   if (x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be non-empty");
   if (threads < 1) throw py::value_error("threads must be >= 1");
-  const bool f32 = x.dtype().is(py::dtype::of<float>());
-  if (!f32 && !x.dtype().is(py::dtype::of<double>())) throw py::type_error("x must be a float32 or float64 array");
+  const bool f32 = has_dtype<float>(x);
+  if (!f32 && !has_dtype<double>(x)) throw py::type_error("x must be a float32 or float64 array");
   const int64_t n = x.shape(0), d = x.shape(1);
   const void* data = x.data();
   tlfast::cpu::RowCheckResult r;
@@ -167,7 +174,7 @@ py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
     r = f32 ? tlfast::cpu::check_rows<float>(static_cast<const float*>(data), n, d, checks, tol, threads)
             : tlfast::cpu::check_rows<double>(static_cast<const double*>(data), n, d, checks, tol, threads);
   }
-  return py::make_tuple(r.row, r.problem, r.row_sum);
+  return py::make_tuple(r.row, r.problem, r.row_sum, r.max_abs, r.min_row_max_abs);
 }
 
 py::tuple cuda_device_count() {
@@ -224,8 +231,8 @@ void divergence_cuda(uintptr_t q, int64_t ldq, int64_t nq, uintptr_t c, int64_t 
 #endif
 
 py::array_t<float> masked_mean_pool_cpu(const py::array& x, const py::array& mask, bool normalize, int threads) {
-  if (!x.dtype().is(py::dtype::of<float>())) throw py::type_error("x must be a float32 array");
-  if (!mask.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("mask must be an int64 array");
+  if (!has_dtype<float>(x)) throw py::type_error("x must be a float32 array");
+  if (!has_dtype<int64_t>(mask)) throw py::type_error("mask must be an int64 array");
   if (x.ndim() != 3) throw py::value_error("x must be 3-D (batch, steps, dim)");
   if (mask.ndim() != 2) throw py::value_error("mask must be 2-D (batch, steps)");
   if (!(x.flags() & py::array::c_style) || !(mask.flags() & py::array::c_style))
@@ -262,7 +269,7 @@ void check_affine(const std::vector<float>& scale, const std::vector<float>& shi
 
 py::array_t<float> image_preprocess_cpu(const py::array& x, bool channels_last, const std::vector<float>& scale,
                                         const std::vector<float>& shift, int threads) {
-  if (!x.dtype().is(py::dtype::of<uint8_t>())) throw py::type_error("x must be a uint8 array");
+  if (!has_dtype<uint8_t>(x)) throw py::type_error("x must be a uint8 array");
   if (x.ndim() != 4) throw py::value_error("x must be 4-D (NHWC or NCHW)");
   if (threads < 1) throw py::value_error("threads must be >= 1");
   const auto s = image_strides(x, channels_last);
@@ -322,8 +329,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
         "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
-        "One pass over rows: (first bad row or -1, problem code, that row's sum). checks: 1 finite, "
-        "2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
+        "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
+        "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");
   m.def("masked_mean_pool_cpu", &masked_mean_pool_cpu, py::arg("x"), py::arg("mask"), py::arg("normalize"),
         py::arg("threads"),
         "Fused masked mean over axis 1 of x (batch, steps, dim) float32 with an int64 mask, then L2-normalise.");

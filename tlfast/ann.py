@@ -29,6 +29,12 @@ Kinds and metrics:
   the same structure (JS is not Bregman, so mean centroids are a heuristic there; recall is
   measured in benchmarks/results/ann-cpu.md).
 
+Concurrency: these objects are not locked themselves; ``tlfast.Index`` serialises ``add`` /
+``train`` against searches (docs/design/concurrency.md) and lets searches run concurrently, so
+everything a search touches is read-only, except FusedIVF's lazily built list layout, which is
+built under a mutex.  Copies and pickles are independent, complete indexes (faiss indexes
+travel as ``faiss.serialize_index`` bytes).
+
 Search results obey tlfast's contract within what the index returns: best first, ties toward the
 smaller position, and rows padded with position -1 and value +inf (-inf for larger-is-better
 metrics) where the probed lists hold fewer than k rows.  Before an index is trained its rows are
@@ -36,6 +42,7 @@ searched exactly.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -51,6 +58,7 @@ import torch
 from . import _persist
 from .backends import info as _backend_info, resolve as _resolve_backend
 from ._native import _C
+from ._rwlock import Mutex
 from ._validate import as_tensor, check_domain, check_matrix
 from .metrics import Metric, get_metric
 
@@ -186,7 +194,8 @@ class _ApproximateIndex(ABC):
 
     def add(self, x: Any) -> None:
         """Append rows; an untrained index keeps them and trains once it holds enough."""
-        x = self.rows(x, "x")
+        # Kept rows are our own copy: the caller may reuse its buffer.
+        x = np.array(self.rows(x, "x"), copy=True)
         if self.is_trained:
             self._add(x)
             return
@@ -333,6 +342,27 @@ class FaissIndex(_ApproximateIndex):
     def _min_train_rows(self) -> int:
         return max(self.nlist or 1, (1 << self.nbits) if self.kind == "ivfpq" else 1)
 
+    # faiss objects and the faiss module do not pickle: the index travels as serialize_index bytes.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_faiss"]
+        if self.index is not None:
+            state["index"] = self._faiss.serialize_index(self.index)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from .backends.faiss import _faiss
+
+        self.__dict__.update(state)
+        self._faiss = _faiss()
+        if self.index is not None:
+            self.index = self._faiss.deserialize_index(np.ascontiguousarray(self.index, dtype=np.uint8))
+
+    def __deepcopy__(self, memo) -> "FaissIndex":
+        new = object.__new__(type(self))
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self.metric.name == "cosine":
             x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -447,6 +477,7 @@ class FusedIVF(_ApproximateIndex):
         self.centroids: np.ndarray | None = None
         self._chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, list ids) per add
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # rows by list, positions, offsets
+        self._layout = Mutex()  # concurrent searches build _csr / merge _chunks once, not racing
 
     @property
     def is_trained(self) -> bool:
@@ -543,21 +574,26 @@ class FusedIVF(_ApproximateIndex):
 
     def _rows_and_lists(self) -> tuple[np.ndarray, np.ndarray]:
         """All rows in position order and the list of each, merged into one chunk."""
-        if len(self._chunks) > 1:
-            self._chunks = [(np.concatenate([r for r, _ in self._chunks]),
-                             np.concatenate([a for _, a in self._chunks]))]
-        return self._chunks[0]
+        with self._layout:
+            if len(self._chunks) > 1:
+                self._chunks = [(np.concatenate([r for r, _ in self._chunks]),
+                                 np.concatenate([a for _, a in self._chunks]))]
+            return self._chunks[0]
 
     def _lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows grouped by list, their positions, list offsets), rebuilt after adds."""
-        if self._csr is None:
+        csr = self._csr
+        if csr is None:
             rows, lists = self._rows_and_lists()
-            order = np.argsort(lists, kind="stable")
-            offsets = np.zeros(len(self.centroids) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(lists, minlength=len(self.centroids)), out=offsets[1:])
-            scan = np.ascontiguousarray(self._scan_rows(rows[order]), dtype=np.float32)
-            self._csr = (scan, order.astype(np.int64), offsets)
-        return self._csr
+            with self._layout:
+                if self._csr is None:
+                    order = np.argsort(lists, kind="stable")
+                    offsets = np.zeros(len(self.centroids) + 1, dtype=np.int64)
+                    np.cumsum(np.bincount(lists, minlength=len(self.centroids)), out=offsets[1:])
+                    scan = np.ascontiguousarray(self._scan_rows(rows[order]), dtype=np.float32)
+                    self._csr = (scan, order.astype(np.int64), offsets)
+                csr = self._csr
+        return csr
 
     def _search(self, q: np.ndarray, k: int, nprobe: int | None = None):
         rows, positions, offsets = self._lists()

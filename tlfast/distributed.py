@@ -46,10 +46,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validate import as_tensor, check_domain, check_matrix, validate_k
+from ._validate import Inputs, as_tensor, check_domain, check_matrix, safe_knn, validate_k
 from .backends import resolve as resolve_backend
+import copy
+
 from . import _persist
-from .index import Index, _as_ids, _check_loaded_ids
+from ._rwlock import RWLock
+from .index import Index, _as_ids, _check_loaded_ids, _reader, _writer
 from .metrics import METRICS, get_metric
 from .ops import KnnResult
 from .precision import WithPrecision, check_precision
@@ -422,8 +425,8 @@ def _replicated(q, c, k, m, impl, *, sizes, offsets, group, timeout, rank, world
     in_flight = None  # (first row, finish) of the chunk whose candidates are travelling
     for start in range(0, n, chunk):
         qc = q[start:start + chunk]
-        v, i = _local_candidates(lambda kk: impl.knn(qc, c, kk, m, False), qc.shape[0], sizes[rank],
-                                 offsets[rank], k, m.larger_is_better, q.device)
+        v, i = _local_candidates(lambda kk: safe_knn(impl, Inputs(qc, c, m, False), kk, False), qc.shape[0],
+                                 sizes[rank], offsets[rank], k, m.larger_is_better, q.device)
         started = (start, _gather_candidates(v, i, k, m.larger_is_better, group=group, timeout=timeout,
                                              rank=rank, world=world, device=cdev))
         if in_flight is not None:
@@ -464,8 +467,8 @@ def _ring(q, c, k, m, impl, *, exclude_self, sizes, offsets, group, timeout, ran
             shard = block.view(dtype).to(q.device)
             # exclude_self: the pair (i, i) lies in this rank's own shard, searched at step 0.
             own = exclude_self and src == rank
-            v, i = _local_candidates(lambda kk: impl.knn(q, shard, kk, m, own), n, sizes[src] - own,
-                                     offsets[src], k, m.larger_is_better, q.device)
+            v, i = _local_candidates(lambda kk: safe_knn(impl, Inputs(q, shard, m, False), kk, own), n,
+                                     sizes[src] - own, offsets[src], k, m.larger_is_better, q.device)
             best_v, best_i = merge_topk(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k,
                                         m.larger_is_better)
         for w in works:
@@ -545,6 +548,23 @@ class ShardedIndex:
         self.timeout = _timeout(timeout)
         self._ids: list[np.ndarray] = []
         self._ids_given: bool | None = None  # decided by the first add
+        self._lock = RWLock()  # as Index: add exclusive; search / save shared (rows and ids agree)
+
+    def __getstate__(self) -> dict:
+        if self.group is not None:
+            raise TypeError("a ShardedIndex bound to a process group does not pickle (a group belongs to "
+                            "one process); save it with index.save(path) on every rank and reopen it with "
+                            "ShardedIndex.load(path)")
+        return dict(self.__dict__)
+
+    def __deepcopy__(self, memo) -> "ShardedIndex":
+        """An independent copy of this rank's shard, in the same process group."""
+        new = object.__new__(type(self))
+        with self._lock.read():
+            state = {k: v for k, v in self.__dict__.items() if k != "group"}
+            new.__dict__.update(copy.deepcopy(state, memo))
+        new.group = self.group
+        return new
 
     @property
     def metric(self):
@@ -562,6 +582,7 @@ class ShardedIndex:
         return (f"ShardedIndex(metric={self.metric.name!r}, dim={self.dim}, dtype={self.local.dtype!r}, "
                 f"local_count={len(self)})")
 
+    @_writer
     def add(self, x: Any, ids: Any = None) -> "ShardedIndex":
         """Append rows to this rank's shard (no communication); ``ids`` as in ``Index.add``."""
         given = ids is not None
@@ -587,6 +608,7 @@ class ShardedIndex:
                 "dtype": _DTYPE_CODES[getattr(torch, self.local.dtype)],
                 "rows": len(self), "ids": _UNKNOWN if self._ids_given is None else int(self._ids_given)}
 
+    @_reader
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None) -> KnnResult:
         """The ``k`` best rows of the whole sharded corpus for each query (collective).
 
@@ -636,6 +658,7 @@ class ShardedIndex:
                                              timeout=self.timeout, rank=rank, world=world, device=cdev)()
         return KnnResult(values.numpy(), out.numpy()) if is_numpy else KnnResult(values, out)
 
+    @_reader
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every rank's shard and rank 0's manifest under ``path`` (collective; see class doc).
 

@@ -17,6 +17,8 @@ same answer the kernel gives over the whole corpus at once.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 import warnings
@@ -28,7 +30,9 @@ import torch
 
 from . import _persist
 from .backends import resolve as _resolve_backend
-from ._validate import as_tensor, check_domain, check_matrix
+from ._rwlock import Mutex, RWLock
+from ._validate import (SAFE_LOG2, RowRange, abs_max, as_tensor, check_domain, check_matrix, problem_scale,
+                        rescale_rows, scale_by_power_of_two, scale_values)
 from .metrics import METRICS, get_metric
 from .precision import WithPrecision, check_precision
 from .ops import KnnResult
@@ -98,6 +102,24 @@ def _merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Te
 
 
 
+def _reader(method):
+    """Run ``method`` holding the index's lock shared: concurrent with other readers, never with a writer."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.read():
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def _writer(method):
+    """Run ``method`` holding the index's lock exclusively (no search or save runs meanwhile)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.write():
+            return method(self, *args, **kwargs)
+    return locked
+
+
 # What a saved index's manifest.json must hold (``_persist.read_manifest`` checks it on load and
 # before ``overwrite`` replaces a folder); every file of the folder is one of ``files``.
 KIND = _persist.Kind(FORMAT, "index", FORMAT_VERSION, schema={
@@ -120,6 +142,11 @@ def _check_loaded_ids(ids: np.ndarray, count: int, where: Path) -> np.ndarray:
 
 class Index:
     """Vectors to search, with ids, persistence and out-of-core search.
+
+    Thread-safe (docs/design/concurrency.md): searches and saves run concurrently; ``add`` and
+    ``train`` wait for them and run alone, so every search sees the index after some prefix of
+    the adds.  ``add`` copies its input (reusing the buffer later cannot change the index), and
+    ``copy.copy(index)`` is an independent index sharing the immutable stored blocks.
 
     Args:
         metric: "cosine" (default), "ip", "l2" (squared), "kl" or "js"; see ``tlfast.METRICS``.
@@ -161,6 +188,12 @@ class Index:
         self._count = 0
         self._ann: Any = None
         self._mapped = False  # segments view files (memory-mapped): never concatenate them in RAM
+        # Searches are readers, add/train writers.  Stored tensors are never written in place, so
+        # readers may replace a segment list with its concatenation (same rows) under _compacting.
+        self._lock = RWLock()
+        self._compacting = Mutex()
+        # max |x| of the stored rows (ip / l2 range safety), valid while _count == _abs_max_count.
+        self._abs_max, self._abs_max_count = 0.0, 0
         self._mapped_files: list[_persist.MappedFile] = []  # size-checked before every block is read
 
     # ------------------------------------------------------------------ building
@@ -176,16 +209,35 @@ class Index:
         check_matrix(t, name)
         if self.dim is not None and t.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: {name} has dim {t.shape[1]}, the index has dim {self.dim}")
-        check_domain(t, name, self.metric)
-        return t
+        return self._range_safe(t, name, check_domain(t, name, self.metric), stored=True)
 
     def _to_storage(self, t: torch.Tensor, name: str) -> torch.Tensor:
         dt = _DTYPES[self.dtype]
-        out = t.to(device=self.device, dtype=dt)
-        if dt != t.dtype and dt == torch.float16 and not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{name} has values beyond the float16 range (+-65504); "
-                             f"use Index(dtype='float32') or 'bfloat16'")
+        # A copy even where no conversion is needed: the caller may reuse or overwrite its buffer.
+        out = t.to(device=self.device, dtype=dt, copy=True)
+        if dt != t.dtype and not bool(torch.isfinite(out).all()):
+            limit = "+-65504" if dt == torch.float16 else "+-3.4e38"
+            raise ValueError(f"{name} has values beyond the {self.dtype} range ({limit}) of this index's "
+                             f"storage; scale the vectors down (or use Index(dtype='float32'))")
         return out
+
+    def _range_safe(self, t: torch.Tensor, name: str, seen: RowRange, *, stored: bool) -> torch.Tensor:
+        """Rows the kernels compute on without overflow or underflow (docs/design/concurrency.md).
+
+        cosine ignores each row's scale: out-of-range rows are rescaled by a power of two (exact);
+        stored float16 rows all go to max |x| in [1, 2), so that a tiny row does not round to zeros.
+        Exact ip / l2 rescale the whole problem at search time (``_search_flat``); approximate
+        indexes cannot, so they reject rows outside [2^-40, 2^40].
+        """
+        if self.metric.name == "cosine":
+            return rescale_rows(t, (0, 1) if stored and self.dtype == "float16" else None, seen)
+        if self.kind != "flat" and self.metric.name in ("ip", "l2"):
+            a = seen.abs_max
+            if a and not 2.0 ** -SAFE_LOG2 <= a < 2.0 ** SAFE_LOG2:
+                raise ValueError(f"{name} has values up to |x| = {a:.3g}; kind={self.kind!r} computes "
+                                 f"{self.metric.name} in float32 and needs max |x| in [2^-40, 2^40]: scale the "
+                                 f"vectors by a constant, or use kind='flat' (which rescales exactly)")
+        return t
 
     def _ann_module(self):
         try:
@@ -200,7 +252,11 @@ class Index:
         if ids is None:
             if self._ids is None:
                 return None
-            return [*self._ids, np.arange(self._count, self._count + n, dtype=np.int64)]
+            # Automatic ids are the positions where free (as without ids), else the next unused
+            # ids above them: never an id given before.
+            used = np.concatenate(self._ids)
+            free = np.arange(self._count, self._count + n + int((used >= self._count).sum()), dtype=np.int64)
+            return [*self._ids, free[~np.isin(free, used)][:n]]
         new = _as_ids(ids, n)
         if np.unique(new).size != n:
             raise ValueError("ids contain duplicates; every vector needs its own id")
@@ -209,6 +265,7 @@ class Index:
             raise ValueError("ids repeat ids already in the index; every vector needs its own id")
         return [*old, new] if self._count else [new]
 
+    @_writer
     def train(self, x: Any) -> "Index":
         """Train an approximate index (clustering, codebooks) on representative vectors ``x``.
 
@@ -226,6 +283,7 @@ class Index:
             self.dim = dim
             self._ann = self._ann_module().make_index(self.kind, self.metric.name, dim, **self.params)
 
+    @_writer
     def add(self, x: Any, ids: Any = None) -> "Index":
         """Append the rows of ``x`` (n, dim), numpy or torch, with integer ``ids`` (default: positions).
 
@@ -236,7 +294,10 @@ class Index:
         n = t.shape[0]
         new_ids = self._ids_after_add(ids, n)
         if self.kind == "flat":
-            self._segments.append(self._to_storage(t, "x"))
+            stored = self._to_storage(t, "x")
+            if self._abs_max_count == self._count and self.metric.name in ("ip", "l2"):
+                self._abs_max, self._abs_max_count = max(self._abs_max, abs_max(stored)), self._count + n
+            self._segments.append(stored)
         else:
             self._ensure_ann(t.shape[1])
             self._ann.add(t.to("cpu", torch.float32).contiguous().numpy())
@@ -294,19 +355,24 @@ class Index:
     def _positions_to_ids(self, positions: torch.Tensor) -> torch.Tensor:
         if self._ids is None:
             return positions
-        if len(self._ids) > 1:
-            self._ids = [np.concatenate(self._ids)]
+        with self._compacting:
+            if len(self._ids) > 1:
+                self._ids = [np.concatenate(self._ids)]
         table = torch.from_numpy(self._ids[0]).to(positions.device)
         out = table[positions.clamp(min=0)]
         return torch.where(positions < 0, positions, out)
 
     def _blocks(self, rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:
         """(first position, block) over the stored vectors, each at most ``rows`` rows (None: whole)."""
-        if rows is None and len(self._segments) > 1 and not self._mapped:
+        segments = self._segments
+        if rows is None and len(segments) > 1 and not self._mapped:
             # In-memory batches are joined once so that one kernel call sees the whole corpus.
-            self._segments = [torch.cat(self._segments)]
+            with self._compacting:
+                if len(self._segments) > 1:
+                    self._segments = [torch.cat(self._segments)]
+                segments = self._segments
         start = 0
-        for seg in self._segments:
+        for seg in segments:
             step = seg.shape[0] if rows is None else rows
             for lo in range(0, seg.shape[0], step):
                 for mapped in self._mapped_files:  # a truncated map would be SIGBUS: an error instead
@@ -342,6 +408,7 @@ class Index:
         if pending is not None:
             yield _ready(pending, compute)
 
+    @_reader
     def search(self, queries: Any, k: int, *, backend: str = "auto", memory_budget: Any = None,
                precision: str = "exact", target_recall: float | None = None, **search_params: Any) -> KnnResult:
         """The ``k`` best stored vectors for each query, as ``KnnResult(values, indices)`` where
@@ -373,7 +440,7 @@ class Index:
         check_matrix(q, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, the index has dim {self.dim}")
-        check_domain(q, "queries", self.metric)
+        q = self._range_safe(q, "queries", check_domain(q, "queries", self.metric), stored=False)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         k = int(k)
@@ -413,14 +480,28 @@ class Index:
         elif (self.device.type == "cuda" and any(s.device != self.device for s in self._segments)) or \
                 (self.device.type == "cpu" and self.dtype != "float32"):
             rows = max(1, _DEFAULT_BLOCK_BUDGET // (self.dim * 4))
+        scale = problem_scale(self.metric, abs_max(q), self._stored_abs_max()) \
+            if self.metric.name in ("ip", "l2") else None
+        if scale is not None:
+            q = scale_by_power_of_two(q, scale[0])
         best = None
         for start, block in self._on_device(self._blocks(rows)):
+            if scale is not None:
+                block = scale_by_power_of_two(block, scale[1])
             kb = min(k, block.shape[0])
             values, pos = impl.knn(q, block, kb, self.metric, False)
             pos = pos.to(torch.int64) + start
             best = (values, pos) if best is None and kb == k else _merge_topk(best, values, pos, k,
                                                                                self.metric.larger_is_better)
-        return best
+        return best if scale is None else (scale_values(best[0], scale[2]), best[1])
+
+    def _stored_abs_max(self) -> float:
+        """max |x| of the stored rows: kept up to date by add; scanned once for loaded indexes."""
+        with self._compacting:
+            if self._abs_max_count != self._count:
+                self._abs_max = max(abs_max(seg) for seg in self._segments)
+                self._abs_max_count = self._count
+            return self._abs_max
 
     # ------------------------------------------------------------------ recall tuning
     def tune(self, target_recall: float = 0.95, queries: Any = None, *, k: int = 10, sample: int = 1000,
@@ -459,12 +540,42 @@ class Index:
         return dict(cache[key])
 
     # ------------------------------------------------------------------ persistence
+    def __copy__(self) -> "Index":
+        """An independent index: adding to either never changes the other.  The stored blocks are
+        shared (they are immutable), the id and segment lists and any approximate index are copied."""
+        with self._lock.read():
+            new = object.__new__(type(self))
+            new.__dict__.update(self.__dict__)
+            new._lock, new._compacting = RWLock(), Mutex()
+            new.params = dict(self.params)
+            new._segments = list(self._segments)
+            new._ids = None if self._ids is None else list(self._ids)
+            new._mapped_files = list(self._mapped_files)  # the same maps, so the same size checks
+            new._ann = copy.deepcopy(self._ann)
+        return new
+
+    def __getstate__(self) -> dict:
+        with self._lock.read():
+            for mapped in self._mapped_files:  # the pickle reads every mapped row: not from a truncated file
+                mapped.check()
+            state = dict(self.__dict__)
+            state["_segments"] = list(self._segments)
+            state["_ids"] = None if self._ids is None else list(self._ids)
+            state["_mapped_files"] = []  # open file descriptors belong to this process and this object
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # Unpickled (or deep-copied) vectors are in memory, no longer views of a file.
+        self._mapped = False
+
     def _manifest(self, files: dict[str, dict]) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "metric": self.metric.name,
                 "dim": self.dim, "dtype": self.dtype, "count": self._count, "kind": self.kind,
                 "params": self._ann.params() if self._ann is not None else self.params,
                 "files": files}
 
+    @_reader
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index to the directory ``path``: ``manifest.json`` (format version, metric, dim,
         dtype, count, kind, params, sha256 and size of every file) plus ``vectors.npy`` / ``ids.npy``

@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 
 from . import backends as _backends
 from . import precision as _precision
-from ._validate import validate_k, validate_pair
+from ._validate import check_exclude_self, range_safe, safe_knn, scale_values, validate_k, validate_pair
 from .backends import BackendInfo
 
 __all__ = ["KnnResult", "knn", "pairwise", "backends"]
@@ -52,9 +52,10 @@ def knn(queries: Any, corpus: Any, k: int, metric: str = "cosine", *, backend: s
     """
     inp = validate_pair(queries, corpus, metric)
     k = validate_k(k, inp.corpus.shape[0], exclude_self, inp.queries.shape[0])
-    precision = _precision.check_precision(precision)
-    impl = _backends.resolve(backend, inp.device)
-    values, indices = _precision.knn(impl, inp.queries, inp.corpus, k, inp.metric, bool(exclude_self), precision)
+    if exclude_self:
+        check_exclude_self(inp.queries, inp.corpus)
+    impl = _precision.WithPrecision(_backends.resolve(backend, inp.device), precision)
+    values, indices = safe_knn(impl, inp, k, bool(exclude_self))
     return KnnResult(inp.output(values), inp.output(indices))
 
 
@@ -66,4 +67,5 @@ def pairwise(x: Any, y: Any, metric: str = "cosine", *, backend: str = "auto") -
     """
     inp = validate_pair(x, y, metric)
     impl = _backends.resolve(backend, inp.device)
-    return inp.output(impl.pairwise(inp.queries, inp.corpus, inp.metric))
+    inp, value_exp = range_safe(inp)
+    return inp.output(scale_values(impl.pairwise(inp.queries, inp.corpus, inp.metric), value_exp))

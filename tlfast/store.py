@@ -100,6 +100,13 @@ class FeatureStore:
                              f"{self.manifest['count']}; the manifest is corrupted")
         self._maps: dict[int, tuple[np.ndarray, _persist.MappedFile | None]] = {}
 
+    # A store pickles and copies as a reference to its folder: the shard maps are not carried
+    # (that would copy every row into the pickle); the copy reopens (and verifies) them on use.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
     # sizes ----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self._offsets[-1])

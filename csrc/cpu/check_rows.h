@@ -12,6 +12,10 @@ struct RowCheckResult {
   int64_t row;      // first offending row, -1 if none
   int problem;      // RowProblem
   double row_sum;   // that row's sum (for ROW_SUM)
+  // When no row is bad: max |x| over the matrix and the smallest non-zero row max |x| (inf if
+  // none), so that callers see whether float32 products over- or underflow without another pass.
+  double max_abs;
+  double min_row_max_abs;
 };
 
 // checks: a mask of RowCheck; simplex rows must sum to 1 within tol.

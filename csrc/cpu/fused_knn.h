@@ -514,18 +514,33 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
   using E = Epilogue<M>;
   constexpr int ROWS = E::ROWS;
   const int64_t panels = (n + NR - 1) / NR;
-  const int64_t mb = query_block_rows(d, ROWS);
-  const int64_t qblocks = (nq + mb - 1) / mb;
+  int64_t mb = query_block_rows(d, ROWS);
+  int64_t qblocks = (nq + mb - 1) / mb;
+  // Few query blocks: split the corpus into segments too, then merge the per-segment lists.
+  const auto segments_for = [&](int64_t blocks) {
+    return blocks < threads ? std::min<int64_t>(panels, (threads + blocks - 1) / blocks * 2) : int64_t{1};
+  };
+  int64_t segments = segments_for(qblocks);
+  // Each segment holds a k-heap per query: segments * nq * k * 12 bytes, which with a large k
+  // grows with the thread count (nq = 100, k = 50,000: 60 MB per segment).  Past kHeapBudget,
+  // parallelise over smaller query blocks instead (>= ROWS rows, enough blocks for every thread)
+  // and cap the segments, so the heaps cost at most max(nq * k * 12, kHeapBudget) bytes.
+  constexpr size_t kHeapBudget = size_t{64} << 20;
+  const size_t segment_heap_bytes = (size_t)nq * k * (sizeof(float) + sizeof(int64_t));
+  if (segments > 1 && segments * segment_heap_bytes > kHeapBudget) {
+    const int64_t per_thread = (nq + threads - 1) / threads;
+    mb = std::min<int64_t>(mb, std::max<int64_t>(ROWS, (per_thread + ROWS - 1) / ROWS * ROWS));
+    qblocks = (nq + mb - 1) / mb;
+    segments = std::min<int64_t>(segments_for(qblocks),
+                                 std::max<int64_t>(1, (int64_t)(kHeapBudget / segment_heap_bytes)));
+  }
+  segments = std::max<int64_t>(segments, 1);
   // Several query blocks visit every panel: pack the corpus once.  One block: each panel is
   // packed into a thread-local buffer right before use, so the corpus is read exactly once.
   const bool prepack = qblocks > 1;
   Buffer cpacked = aligned_floats(prepack ? (size_t)panels * d * NR : 0);
   Buffer cterm = aligned_floats(prepack ? (size_t)panels * NR : 0);
   if (prepack) pack_corpus<M>(c, n, d, cpacked.get(), cterm.get(), threads);
-  // Few query blocks: split the corpus into segments too, then merge the per-segment lists.
-  int64_t segments = 1;
-  if (qblocks < threads) segments = std::min<int64_t>(panels, (threads + qblocks - 1) / qblocks * 2);
-  segments = std::max<int64_t>(segments, 1);
   const int64_t panels_per_seg = (panels + segments - 1) / segments;
 
   std::vector<float> hkey((size_t)segments * nq * k);

@@ -79,6 +79,12 @@ class Extractor:
         self.precision = precision  # concrete: fp32, bf16, fp16 or int8
         self._session_inputs = [i.name for i in session.get_inputs()] if session is not None else []
 
+    def __getstate__(self) -> dict:
+        if self.session is not None:
+            raise TypeError("an ONNX-backed Extractor does not pickle (onnxruntime sessions cannot be "
+                            "pickled); rebuild it with Extractor.from_onnx(path) where it is needed")
+        return dict(self.__dict__)
+
     @property
     def backend(self) -> str:
         return "onnxruntime" if self.session is not None else "torch"
