@@ -7,6 +7,7 @@
 """
 from . import distributed  # torch.distributed is imported by torch itself: no extra cost
 from . import domain
+from . import ot
 from .backends import BackendInfo
 from .extract import Extractor
 from .index import Index
@@ -20,7 +21,7 @@ from .transferability import rank_sources
 __version__ = "0.1.0"
 
 __all__ = ["BackendInfo", "Extractor", "FeatureStore", "KnnResult", "METRICS", "Metric", "backends", "knn",
-           "pairwise", "__version__", "Index", "KNNClassifier", "LinearProbe", "Matches", "distributed", "domain",
+           "pairwise", "__version__", "Index", "KNNClassifier", "LinearProbe", "Matches", "distributed", "domain", "ot",
            "match", "transfer", "KNNRegressor", "RidgeProbe", "transferability", "rank_sources"]
 
 # The training stage needs scikit-learn (the `train` extra): imported on first use, so that
