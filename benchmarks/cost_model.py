@@ -95,7 +95,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["# Cost model of the GPU benchmark cases (predicted, not measured)", "",
              "Fused Triton kNN; see benchmarks/cost_model.py for the terms.  predicted = max of the "
              "resource times (perfect overlap), serial = their sum; reference HBM = the score matrix "
-             "written and re-read by the chunked mm + topk route.", "",
+             "written and re-read by the chunked mm + topk route.  Arithmetic from the devices' published "
+             "rates, no timing on any machine (so no CPU flags enter it).", "",
              "| device | case | dtype | k | GFLOP | ALU Gops | HBM GB | tensor ms | ALU ms | MUFU ms | HBM ms | "
              "predicted ms | serial ms | bound | reference HBM ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
