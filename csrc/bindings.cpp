@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <string>
+#include <type_traits>
 
 #include "cpu/check_rows.h"
 #include "cpu/knn.h"
@@ -36,9 +37,13 @@ bool has_dtype(const py::array& a) {
   return py::isinstance<py::array_t<T>>(a);
 }
 
+// T = float: float32 rows; T = uint16_t: the bit patterns of bf16 / fp16 rows (numpy has no bfloat16).
+template <typename T = float>
 void check_matrix(const py::array& a, const char* name) {
-  if (!has_dtype<float>(a))
-    throw py::type_error(std::string(name) + " must be a float32 array");
+  if (!has_dtype<T>(a))
+    throw py::type_error(std::string(name) + (std::is_same<T, float>::value
+                                                  ? " must be a float32 array"
+                                                  : " must be a uint16 array of bf16/fp16 bit patterns"));
   if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D (rows, dim)");
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
   if (a.shape(0) < 1 || a.shape(1) < 1) throw py::value_error(std::string(name) + " must be non-empty");
@@ -49,9 +54,10 @@ Metric check_metric(int metric) {
   return static_cast<Metric>(metric);
 }
 
+template <typename T = float>
 void check_pair(const py::array& q, const py::array& c, int threads) {
-  check_matrix(q, "queries");
-  check_matrix(c, "corpus");
+  check_matrix<T>(q, "queries");
+  check_matrix<T>(c, "corpus");
   if (q.shape(1) != c.shape(1)) throw py::value_error("queries and corpus must have the same dim");
   if (threads < 1) throw py::value_error("threads must be >= 1");
 }
@@ -79,15 +85,7 @@ py::tuple knn_cpu(const py::array& q, const py::array& c, int64_t k, int metric,
 // bf16 / fp16 inputs arrive as uint16 arrays of their bit patterns (numpy has no bfloat16).
 py::tuple knn_cpu_half(const py::array& q, const py::array& c, int64_t k, int metric, int half_type,
                        bool exclude_self, int threads) {
-  for (auto [a, name] : {std::pair<const py::array*, const char*>{&q, "queries"}, {&c, "corpus"}}) {
-    if (!a->dtype().is(py::dtype::of<uint16_t>()))
-      throw py::type_error(std::string(name) + " must be a uint16 array of bf16/fp16 bit patterns");
-    if (a->ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D (rows, dim)");
-    if (!(a->flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
-    if (a->shape(0) < 1 || a->shape(1) < 1) throw py::value_error(std::string(name) + " must be non-empty");
-  }
-  if (q.shape(1) != c.shape(1)) throw py::value_error("queries and corpus must have the same dim");
-  if (threads < 1) throw py::value_error("threads must be >= 1");
+  check_pair<uint16_t>(q, c, threads);
   if (half_type != 0 && half_type != 1) throw py::value_error("half_type must be 0 (bf16) or 1 (fp16)");
   const Metric m = check_metric(metric);
   const int64_t nq = q.shape(0), n = c.shape(0), d = q.shape(1);
