@@ -118,7 +118,10 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu-cost-model.json").write_text(json.dumps(rows, indent=1) + "\n")
+        meta = {"kind": "predicted from published device rates; no timing on any machine",
+                "cpu_flags": "none: arithmetic only, independent of the CPU (and of avx2/avx512/amx)",
+                "devices": sorted({r["device"] for r in rows})}
+        (args.out / "gpu-cost-model.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         (args.out / "gpu-cost-model.md").write_text(text)
 
 

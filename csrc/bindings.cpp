@@ -62,8 +62,12 @@ void check_pair(const py::array& q, const py::array& c, int threads) {
   if (threads < 1) throw py::value_error("threads must be >= 1");
 }
 
-py::tuple knn_cpu(const py::array& q, const py::array& c, int64_t k, int metric, bool exclude_self, int threads) {
-  check_pair(q, c, threads);
+// The fused kNN on float32 rows (T = float) or on bf16 / fp16 bit patterns (T = uint16_t, numpy has
+// no bfloat16): the same preconditions, outputs and GIL release; `run` calls the kernel.
+template <typename T, typename Run>
+py::tuple knn_entry(const py::array& q, const py::array& c, int64_t k, int metric, bool exclude_self, int threads,
+                    Run run) {
+  check_pair<T>(q, c, threads);
   const Metric m = check_metric(metric);
   const int64_t nq = q.shape(0), n = c.shape(0), d = q.shape(1);
   const int64_t eligible = exclude_self ? n - 1 : n;
@@ -71,39 +75,34 @@ py::tuple knn_cpu(const py::array& q, const py::array& c, int64_t k, int metric,
   if (exclude_self && nq > n) throw py::value_error("exclude_self needs queries to be the corpus");
   py::array_t<float> values({nq, k});
   py::array_t<int64_t> indices({nq, k});
-  const float* qp = static_cast<const float*>(q.data());
-  const float* cp = static_cast<const float*>(c.data());
+  const T* qp = static_cast<const T*>(q.data());
+  const T* cp = static_cast<const T*>(c.data());
   float* vp = values.mutable_data();
   int64_t* ip = indices.mutable_data();
   {
     py::gil_scoped_release release;
-    tlfast::cpu::knn(qp, nq, cp, n, d, k, m, exclude_self, threads, vp, ip);
+    run(qp, nq, cp, n, d, m, vp, ip);
   }
   return py::make_tuple(values, indices);
 }
 
-// bf16 / fp16 inputs arrive as uint16 arrays of their bit patterns (numpy has no bfloat16).
+py::tuple knn_cpu(const py::array& q, const py::array& c, int64_t k, int metric, bool exclude_self, int threads) {
+  return knn_entry<float>(q, c, k, metric, exclude_self, threads,
+                          [&](const float* qp, int64_t nq, const float* cp, int64_t n, int64_t d, Metric m,
+                              float* vp, int64_t* ip) {
+                            tlfast::cpu::knn(qp, nq, cp, n, d, k, m, exclude_self, threads, vp, ip);
+                          });
+}
+
 py::tuple knn_cpu_half(const py::array& q, const py::array& c, int64_t k, int metric, int half_type,
                        bool exclude_self, int threads) {
-  check_pair<uint16_t>(q, c, threads);
   if (half_type != 0 && half_type != 1) throw py::value_error("half_type must be 0 (bf16) or 1 (fp16)");
-  const Metric m = check_metric(metric);
-  const int64_t nq = q.shape(0), n = c.shape(0), d = q.shape(1);
-  const int64_t eligible = exclude_self ? n - 1 : n;
-  if (k < 1 || k > eligible) throw py::value_error("k must be in [1, " + std::to_string(eligible) + "]");
-  if (exclude_self && nq > n) throw py::value_error("exclude_self needs queries to be the corpus");
-  py::array_t<float> values({nq, k});
-  py::array_t<int64_t> indices({nq, k});
-  const uint16_t* qp = static_cast<const uint16_t*>(q.data());
-  const uint16_t* cp = static_cast<const uint16_t*>(c.data());
-  float* vp = values.mutable_data();
-  int64_t* ip = indices.mutable_data();
-  {
-    py::gil_scoped_release release;
-    tlfast::cpu::knn_half(qp, nq, cp, n, d, k, m, static_cast<tlfast::cpu::HalfType>(half_type), exclude_self,
-                          threads, vp, ip);
-  }
-  return py::make_tuple(values, indices);
+  const auto type = static_cast<tlfast::cpu::HalfType>(half_type);
+  return knn_entry<uint16_t>(q, c, k, metric, exclude_self, threads,
+                             [&](const uint16_t* qp, int64_t nq, const uint16_t* cp, int64_t n, int64_t d,
+                                 Metric m, float* vp, int64_t* ip) {
+                               tlfast::cpu::knn_half(qp, nq, cp, n, d, k, m, type, exclude_self, threads, vp, ip);
+                             });
 }
 
 py::array_t<float> pairwise_cpu(const py::array& q, const py::array& c, int metric, int threads) {
