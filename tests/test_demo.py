@@ -51,8 +51,14 @@ def test_efficientnet_demo(tmp_path):
     assert all(row["no shift (reference)"] > 0.85 for row in results["accuracy"])
     # Source ranking: four candidates scored on a sample, each with the accuracy it reaches.
     ranking = results["ranking"]
-    assert len(ranking["rows"]) == 4 and ranking["rows"][0]["logme"] >= ranking["rows"][-1]["logme"]
-    assert all(0 < r["probe_accuracy"] <= 1 for r in ranking["rows"]) and -1 <= ranking["kendall_tau"] <= 1
+    scores = [r["logme"] for r in ranking["rows"]]
+    assert len(ranking["rows"]) == 4 and scores == sorted(scores, reverse=True)
+    assert all(0 < r["probe_accuracy"] <= 1 and 0 <= r["probe_accuracy_se"] < 0.05 for r in ranking["rows"])
+    assert -1 <= ranking["kendall_tau"] <= 1 and ranking["test"] == results["target"]
+    # The reported disagreements are exactly the pairs LogME orders against the accuracy.
+    accs = [r["probe_accuracy"] for r in ranking["rows"]]
+    n_swapped = sum(b > a for i, a in enumerate(accs) for b in accs[i + 1:])
+    assert len(ranking["swapped"]) == n_swapped and ranking["same_order"] == (n_swapped == 0)
     assert "Choosing the source features" in (tmp_path / "out" / "report.md").read_text()
 
 

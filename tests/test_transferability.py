@@ -155,6 +155,23 @@ def _tiny_extractor():
     return tlfast.Extractor.from_module(net, normalize=False, name="tinyconv")
 
 
+def test_rank_sources_standardize_scores_the_z_scored_features():
+    import tlfast
+
+    f, y = _problem(300, 10, 3, informative=2.0)
+    stretched = f * np.array([1e3] + [1.0] * 9) + 50.0  # one column on another scale, all shifted
+    z = (f - f.mean(0)) / f.std(0)
+    table = tlfast.rank_sources({"f": f, "stretched": stretched}, y=y, standardize=True)
+    scores = {r.name: r.score for r in table}
+    # Per-column standardisation makes the score blind to each feature's scale and offset ...
+    assert scores["f"] == pytest.approx(scores["stretched"], rel=1e-6)
+    assert scores["f"] == pytest.approx(tr.logme(z, y), rel=1e-6)
+    # ... which LogME of the features as given is not (its prior on the weights is isotropic).
+    assert tr.logme(stretched, y) != pytest.approx(tr.logme(f, y), rel=1e-3)
+    const = np.concatenate([f, np.ones((300, 1))], 1)  # a constant column stays finite
+    assert np.isfinite(tlfast.rank_sources({"c": const}, y=y, standardize=True)[0].score)
+
+
 def test_rank_sources_sorts_best_first_and_extracts_only_the_sample():
     import tlfast
 

@@ -80,9 +80,15 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Column-block width of the symmetric FᵀF product: only the blocks on and above the diagonal are
-# computed (for d = 1024, 36 of 64 blocks), each still a full-rate GEMM.
+# Column-block width of the symmetric FᵀF product where no BLAS syrk is at hand (GPU tensors, or no
+# scipy): only the blocks on and above the diagonal are computed (for d = 1024, 36 of 64 blocks).
 _GRAM_BLOCK = 128
+
+try:  # BLAS ?syrk and the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
+    from scipy.linalg.blas import dsyrk as _dsyrk, ssyrk as _ssyrk
+    from scipy.linalg.lapack import dormqr as _dormqr, dstevd as _dstevd, dsytrd as _dsytrd
+except ImportError:  # pragma: no cover - scipy comes with the train / test extras
+    _ssyrk = _dsyrk = _dormqr = _dstevd = _dsytrd = None
 
 
 def _chunks(f: torch.Tensor):
@@ -92,11 +98,24 @@ def _chunks(f: torch.Tensor):
         yield i, f[i:i + _CHUNK].to(work)
 
 
-def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str) -> None:
-    """gram += the upper block triangle of cᵀc (float64); NaN / inf rows show on its diagonal."""
+def _upper_gram(c: torch.Tensor) -> torch.Tensor:
+    """cᵀc's upper triangle, in c's dtype, zeros below the diagonal."""
+    if c.device.type == "cpu" and _ssyrk is not None:
+        # c (rows, d) row-major is the column-major (d, rows) matrix cᵀ: syrk(trans=0) gives cᵀ(cᵀ)ᵀ
+        # = cᵀc without a copy, in one call that runs the GEMM kernel on the upper blocks only.
+        syrk = _ssyrk if c.dtype == torch.float32 else _dsyrk
+        return torch.from_numpy(syrk(1.0, c.contiguous().numpy().T, trans=0, lower=0))
     d = c.shape[1]
+    out = torch.zeros(d, d, dtype=c.dtype, device=c.device)
     for j in range(0, d, _GRAM_BLOCK):
-        gram[j:j + _GRAM_BLOCK, j:] += (c[:, j:j + _GRAM_BLOCK].T @ c[:, j:]).to(gram.dtype)
+        out[j:j + _GRAM_BLOCK, j:] = c[:, j:j + _GRAM_BLOCK].T @ c[:, j:]
+        out[j:j + _GRAM_BLOCK, j:j + _GRAM_BLOCK].triu_()  # the diagonal block's lower half
+    return out
+
+
+def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str) -> None:
+    """gram += the upper triangle of cᵀc (float64); NaN / inf rows show on its diagonal."""
+    gram += _upper_gram(c)  # one float64 pass, no temporary: in-place add promotes the float32 operand
     diag = torch.diagonal(gram)
     if not bool(torch.isfinite(diag).all()):
         raise ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "
@@ -212,9 +231,8 @@ def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
     """Per-column maximised log evidence / n, from the sufficient statistics."""
     n = mom.n
     d = mom.gram.shape[0]
-    s, v = torch.linalg.eigh(mom.gram)
+    s, z = _eig_projections(mom.gram, mom.cross)          # z (C, d): VᵀFᵀy per column
     s = s.clamp(min=0)
-    z = mom.cross @ v                                     # (C, d): VᵀFᵀy per column
     # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
     z = torch.where(s > s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
     z2 = z * z
@@ -243,6 +261,35 @@ def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
                 - 0.5 * torch.log(alpha[:, None] + beta[:, None] * s).sum(1)
                 - beta / 2 * resid - alpha / 2 * m_sq)
     return evidence / n
+
+
+def _eig_projections(gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues s of the symmetric ``gram``, ``cross`` @ V) with V its eigenvectors (float64).
+
+    LogME needs V only through the C projections Vᵀb, never V itself.  On CPU: G = Q T Qᵀ
+    (``dsytrd``, Householder reflectors, T tridiagonal), T = W S Wᵀ (``dstevd``, divide and conquer),
+    so Vᵀb = Wᵀ(Qᵀb): the reflectors are applied to the C vectors (``dormqr``, O(d²C)) instead of
+    to W (``dsyevd``'s back-transformation, O(d³)) - half the cost of ``torch.linalg.eigh``, the
+    same eigenvalues and projections to rounding."""
+    if gram.device.type != "cpu" or _dsytrd is None:
+        s, v = torch.linalg.eigh(gram)
+        return s, cross @ v
+    d = gram.shape[0]
+    if d == 1:
+        return gram[0], cross.clone()
+    refl, diag, off, tau, info = _dsytrd(gram.numpy(), lower=1, lwork=64 * d)
+    if info != 0:
+        raise RuntimeError(f"LAPACK dsytrd failed (info={info})")
+    s, w, info = _dstevd(diag, off)
+    if info != 0:
+        raise RuntimeError(f"LAPACK dstevd failed (info={info})")
+    # With uplo="L", Q = H(1)..H(d-1) acts on rows 1..d-1 as the QR factor stored below the first
+    # subdiagonal: LAPACK's dormtr is dormqr on those rows.
+    qtb = np.array(cross.numpy().T, order="F")        # (d, C)
+    qtb[1:], _, info = _dormqr("L", "T", refl[1:, :d - 1], tau, qtb[1:], lwork=64 * max(qtb.shape[1], 1))
+    if info != 0:
+        raise RuntimeError(f"LAPACK dormqr failed (info={info})")
+    return torch.from_numpy(s), torch.from_numpy(np.ascontiguousarray((w.T @ qtb).T))
 
 
 # ----------------------------------------------------------------------------------- H-score
@@ -438,7 +485,7 @@ def _take(data: Any, rows: np.ndarray) -> Any:
 
 def rank_sources(candidates: Mapping[str, Any] | Sequence[Any], data: Any = None, y: Any = None, *,
                  metric: str = "logme", sample: int | None = None, regression: bool = False,
-                 seed: int = 0) -> list[SourceScore]:
+                 standardize: bool = False, seed: int = 0) -> list[SourceScore]:
     """Rank candidate source models for a labelled target task, best first, before paying for the
     extraction of the whole corpus and for training.
 
@@ -454,6 +501,11 @@ def rank_sources(candidates: Mapping[str, Any] | Sequence[Any], data: Any = None
         metric: "logme" (default; also the only one for regression), "hscore", "hscore_shrinkage" or
             "transrate" (see this module).
         sample: score this many random rows instead of all n.
+        standardize: score each candidate's features scaled to zero mean and unit variance per
+            column (over the scored rows; constant columns left as they are).  LogME's prior on the
+            weights is isotropic, so its evidence depends on each feature's scale: pass True when the
+            model that will be trained standardises its inputs (:class:`tlfast.LinearProbe` does),
+            so that the score is about that model.
 
     Returns:
         ``[SourceScore(name, score, dims, seconds), ...]`` sorted by score, best first; ``seconds`` is
@@ -503,6 +555,10 @@ def rank_sources(candidates: Mapping[str, Any] | Sequence[Any], data: Any = None
         else:
             raise TypeError(f"candidate {name!r} must be an Extractor or a feature array, got {type(cand).__name__}")
         f = _features(feats, f"features of {name!r}")
+        if standardize:
+            f = f.to(_work_dtype(f))
+            scale = f.std(0, unbiased=False)
+            f = (f - f.mean(0)) / torch.where(scale > 0, scale, torch.ones_like(scale))
         score = RANKING_METRICS[metric](f, y_used, regression)
         table.append(SourceScore(str(name), score, int(f.shape[1]), time.perf_counter() - t))
     return sorted(table, key=lambda r: -r.score)
