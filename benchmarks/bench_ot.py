@@ -4,7 +4,7 @@ backends, dense M) and GeomLoss (tensorized), side by side; plus exact assignmen
 Every (case, contender, round) runs in its own fresh subprocess, so peak RSS is its own; rounds are
 interleaved across contenders; medians are reported with the machine load (os.getloadavg()).
 
-    python benchmarks/bench_ot.py                      # -> benchmarks/results/ot-cpu.{json,md}
+    python benchmarks/bench_ot.py                      # -> benchmarks/results/ot-cpu.{json,md} (--name to rename)
     python benchmarks/bench_ot.py --quick --out /tmp   # small shapes, a smoke run
 
 Cases:
