@@ -136,7 +136,10 @@ def main(argv=None) -> int:
     meta = {"device": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "numpy": np.__version__, "tlfast": tlfast.__version__,
             "commit": git_commit(), "loadavg_before": load_before, "loadavg_after": load_after,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mm_gflops": mm_rate(n, d)}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mm_gflops": mm_rate(n, d),
+            "tlfast_path": ("FᵀF: scipy BLAS ssyrk per chunk; eigenpairs: LAPACK dsytrd + dstevd + dormqr"
+                            if tlfast.transferability._ssyrk is not None
+                            else "FᵀF: torch GEMMs on the upper block triangle; eigenpairs: torch.linalg.eigh")}
     rows = []
     for name in contenders:
         med = float(np.median(times[name]))
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
           f"* load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
           f"{tuple(round(x, 2) for x in load_after)} (a shared machine)",
           f"* torch.mm float32 rate for FᵀF chunks: {meta['mm_gflops']:.1f} GFLOP/s; features {f.nbytes / 2**20:.0f} MiB",
-          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds after a warm-up", "",
+          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds after a warm-up",
+          f"* tlfast path: {meta['tlfast_path']}", "",
           "| contender | median s | p95 s | FᵀF GFLOP/s (2nd²/t) | peak extra memory | LogME |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['backend']} | {r['median_s']:.3f} | {r['p95_s']:.3f} | {r['gflops_ftf']:.1f} | "
