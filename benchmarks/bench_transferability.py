@@ -137,9 +137,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "numpy": np.__version__, "tlfast": tlfast.__version__,
             "commit": git_commit(), "loadavg_before": load_before, "loadavg_after": load_after,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mm_gflops": mm_rate(n, d),
-            "tlfast_path": ("FᵀF: scipy BLAS ssyrk per chunk; eigenpairs: LAPACK dsytrd + dstevd + dormqr"
-                            if tlfast.transferability._ssyrk is not None
-                            else "FᵀF: torch GEMMs on the upper block triangle; eigenpairs: torch.linalg.eigh")}
+            "tlfast_path": "FᵀF: torch GEMMs on the upper block triangle; eigenpairs: " + (
+                "LAPACK dsytrd + dstevd + dormqr" if tlfast.transferability._dsytrd is not None
+                else "torch.linalg.eigh")}
     rows = []
     for name in contenders:
         med = float(np.median(times[name]))

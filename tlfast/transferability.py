@@ -80,15 +80,15 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Column-block width of the symmetric FᵀF product where no BLAS syrk is at hand (GPU tensors, or no
-# scipy): only the blocks on and above the diagonal are computed (for d = 1024, 36 of 64 blocks).
+# Column-block width of the symmetric FᵀF product: only the blocks on and above the diagonal are
+# computed (for d = 1024, 36 of 64 blocks), each still a full-rate GEMM.  (One BLAS ssyrk call per
+# chunk through scipy measured no faster with 2 threads: docs/design/training.md.)
 _GRAM_BLOCK = 128
 
-try:  # BLAS ?syrk and the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
-    from scipy.linalg.blas import dsyrk as _dsyrk, ssyrk as _ssyrk
+try:  # the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
     from scipy.linalg.lapack import dormqr as _dormqr, dstevd as _dstevd, dsytrd as _dsytrd
 except ImportError:  # pragma: no cover - scipy comes with the train / test extras
-    _ssyrk = _dsyrk = _dormqr = _dstevd = _dsytrd = None
+    _dormqr = _dstevd = _dsytrd = None
 
 
 def _chunks(f: torch.Tensor):
@@ -100,11 +100,6 @@ def _chunks(f: torch.Tensor):
 
 def _upper_gram(c: torch.Tensor) -> torch.Tensor:
     """cᵀc's upper triangle, in c's dtype, zeros below the diagonal."""
-    if c.device.type == "cpu" and _ssyrk is not None:
-        # c (rows, d) row-major is the column-major (d, rows) matrix cᵀ: syrk(trans=0) gives cᵀ(cᵀ)ᵀ
-        # = cᵀc without a copy, in one call that runs the GEMM kernel on the upper blocks only.
-        syrk = _ssyrk if c.dtype == torch.float32 else _dsyrk
-        return torch.from_numpy(syrk(1.0, c.contiguous().numpy().T, trans=0, lower=0))
     d = c.shape[1]
     out = torch.zeros(d, d, dtype=c.dtype, device=c.device)
     for j in range(0, d, _GRAM_BLOCK):
