@@ -4,7 +4,7 @@ At d = 128 a packed corpus panel ([d][NR] floats) and the query block sit in L1 
 1024 they do not, which is what the kernel's K-blocking is for.  This sweep times, side by side in
 one run, for every d and metric:
 
-* ``tlfast``          the installed build (this checkout);
+* ``tlfast``          the installed build (this checkout), or the build in ``--after DIR``;
 * ``tlfast (before)`` optionally, another build of tlfast (``--before DIR``: a folder holding a
                       ``tlfast`` package, e.g. a copy of site-packages/tlfast from the previous commit);
 * ``torch.mm``        the peer rate: a (10k x d) @ (d x 10k) fp32 product, all threads.
@@ -104,7 +104,7 @@ def run_sweep(args) -> int:
     from tlfast._persist import write_file
     from tlfast.bench.schema import cpu_model_and_flags, git_commit, ISA_FLAGS
 
-    builds = {"tlfast": Worker(None)}
+    builds = {"tlfast": Worker(str(args.after) if args.after else None)}
     if args.before:
         builds["tlfast (before)"] = Worker(str(args.before))
     load_before = os.getloadavg()
@@ -149,6 +149,7 @@ def run_sweep(args) -> int:
             "shape": {"nq": args.nq, "n": args.n, "k": args.k, "mm": [MM_ROWS, "d", MM_ROWS]},
             "rounds": args.rounds, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta["labels"] = {"tlfast": args.after_label, "tlfast (before)": args.before_label}
     md = markdown(meta, rows, "tlfast (before)" in builds)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"meta": meta, "rows": rows}, indent=1).encode()
@@ -168,8 +169,10 @@ def markdown(meta: dict, rows: list[dict], before: bool) -> str:
              f"kNN: {sh['nq']} queries x {sh['n']} corpus rows x d, k = {sh['k']}, fp32, `tlfast.knn(backend=\"cpu\")`; "
              f"torch.mm: ({MM_ROWS} x d) @ (d x {MM_ROWS}) fp32.  GFLOP/s = 2 n m d / t, median of "
              f"{meta['rounds']} interleaved rounds after a warm-up; each tlfast build in its own process.", ""]
-    head = "| d | metric | " + ("before GFLOP/s | " if before else "") + "tlfast GFLOP/s | torch.mm GFLOP/s | " \
-           "tlfast / torch.mm | " + ("after / before | identical indices |" if before else "")
+    after_name, before_name = meta["labels"]["tlfast"], meta["labels"]["tlfast (before)"]
+    head = "| d | metric | " + (f"{before_name} GFLOP/s | " if before else "") + f"{after_name} GFLOP/s | " \
+           f"torch.mm GFLOP/s | {after_name} / torch.mm | " + \
+           (f"{after_name} / {before_name} | identical indices |" if before else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for (d, metric, name), r in get.items():
         if name != "tlfast":
@@ -195,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--before", type=Path, help="folder holding another tlfast build to time alongside")
+    p.add_argument("--after", type=Path, help="folder holding the tlfast build to time (default: the installed one)")
+    p.add_argument("--before-label", default="before", help="the --before build's name in the table")
+    p.add_argument("--after-label", default="tlfast", help="the timed build's name in the table")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="cpu-knn-dsweep", help="result file stem")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
