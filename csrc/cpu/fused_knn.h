@@ -306,21 +306,16 @@ static inline void accumulate_amx(const uint32_t* __restrict qp, const uint32_t*
 }
 #endif
 
-template <int ROWS>
-static inline void zero(vf acc[ROWS][NV]) {
+// Inner loop over d for one MR x NR register block.
+template <Metric M, int ROWS>
+static inline void accumulate(const float* __restrict qp,  // [d][ROWS], packed query micro-panel
+                              const float* __restrict cp,  // [d][NR], packed corpus panel
+                              int64_t d, vf acc[ROWS][NV]) {
 #pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.0f);
-}
-
-// Inner loop over d for one MR x NR register block: adds terms t = 0 .. len-1 of the (slices of
-// the) micro-panel and panel to acc.
-template <Metric M, int ROWS>
-static inline void accumulate(const float* __restrict qp,  // [len][ROWS], packed query micro-panel
-                              const float* __restrict cp,  // [len][NR], packed corpus panel
-                              int64_t len, vf acc[ROWS][NV]) {
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t t = 0; t < d; ++t) {
     vf b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = *(const vf*)(cp + t * NR + v * W);
@@ -513,18 +508,6 @@ static int64_t query_block_rows(int64_t d, int rows) {
   return mb / rows * rows;
 }
 
-// Depth of the K-blocks of the float32 kernel: a slice [kblock][NR] of a corpus panel takes
-// kKBlockBytes, so it stays in L1 (32 KiB on Zen 3 / 4, 48 KiB on Intel since Ice Lake) next to the
-// stream of query micro-panel slices.  Depths up to 1.5 slices run unblocked (d itself); above,
-// d is split into equal blocks, multiples of 8.
-constexpr int64_t kKBlockBytes = 16384;
-static int64_t depth_block(int64_t d) {
-  const int64_t kc = kKBlockBytes / (NR * (int64_t)sizeof(float));
-  if (2 * d <= 3 * kc) return d;
-  const int64_t blocks = (d + kc - 1) / kc;
-  return ((d + blocks - 1) / blocks + 7) / 8 * 8;
-}
-
 template <Metric M, typename T>
 static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, int64_t k,
                      bool exclude_self, int threads, float* out_values, int64_t* out_idx) {
@@ -559,7 +542,6 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
   Buffer cterm = aligned_floats(prepack ? (size_t)panels * NR : 0);
   if (prepack) pack_corpus<M>(c, n, d, cpacked.get(), cterm.get(), threads);
   const int64_t panels_per_seg = (panels + segments - 1) / segments;
-  const int64_t kblock = kBf16Pairs<M, T> ? d : depth_block(d);
 
   std::vector<float> hkey((size_t)segments * nq * k);
   std::vector<int64_t> hidx((size_t)segments * nq * k);
@@ -570,7 +552,6 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
     Buffer qpacked = aligned_floats((size_t)mb * d);
     Buffer cbuf = aligned_floats(prepack ? 0 : (size_t)d * NR);
     Buffer cbuf_term = aligned_floats(NR);
-    Buffer tile = aligned_floats(kblock < d ? (size_t)mb * NR : 0);
     std::vector<float> qterm(mb), thr(mb), scratch(std::is_same<T, float>::value ? 0 : d);
 #if TLFAST_ISA_AMX
     if (use_amx<M, T>(d)) amx_configure();
@@ -602,8 +583,25 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
         }
         const int64_t col0 = p * NR;
         const unsigned valid = (n - col0 >= NR) ? (unsigned)((1ull << NR) - 1) : (unsigned)((1ull << (n - col0)) - 1);
-        // The finished block's NR candidates per query against that query's k-th best.
-        const auto select_block = [&](int64_t i, vf acc[ROWS][NV]) {
+        for (int64_t i = 0; i < rows_padded; i += ROWS) {
+          vf acc[ROWS][NV];
+#if TLFAST_ISA_AMX
+          if constexpr (kAmx<M, T>) {
+            if (d >= kAmxMinDim)
+              accumulate_amx<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                   reinterpret_cast<const uint32_t*>(cp), d, acc);
+            else
+              accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                          reinterpret_cast<const uint32_t*>(cp), d, acc);
+          } else
+#endif
+#if TLFAST_ISA_BF16DOT
+          if constexpr (kBf16Pairs<M, T>)
+            accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
+                                        reinterpret_cast<const uint32_t*>(cp), d, acc);
+          else
+#endif
+            accumulate<M, ROWS>(qpacked.get() + i * d, cp, d, acc);
           const int rmax = (int)std::min<int64_t>(ROWS, rows - i);
           for (int r = 0; r < rmax; ++r) {
             const int64_t row = i + r;
@@ -633,53 +631,6 @@ static void knn_impl(const T* q, int64_t nq, const T* c, int64_t n, int64_t d, i
             }
             thr[row] = h.threshold();
           }
-        };
-        if (kblock < d) {
-          // K-blocked: one depth slice of the panel ([kblock][NR], L1-sized) meets every
-          // micro-panel's slice of the block before the next slice is loaded; the partial sums
-          // wait in `tile`.  Each lane still adds its terms in order t = 0 .. d-1, so the sums
-          // are those of the unblocked loop, bit for bit.
-          for (int64_t t0 = 0; t0 < d; t0 += kblock) {
-            const int64_t len = std::min(kblock, d - t0);
-            for (int64_t i = 0; i < rows_padded; i += ROWS) {
-              vf acc[ROWS][NV];
-              float* partial = tile.get() + i * NR;
-              if (t0 == 0)
-                zero<ROWS>(acc);
-              else
-                std::memcpy(acc, partial, sizeof(acc));
-              accumulate<M, ROWS>(qpacked.get() + i * d + t0 * ROWS, cp + t0 * NR, len, acc);
-              if (t0 + len < d)
-                std::memcpy(partial, acc, sizeof(acc));
-              else
-                select_block(i, acc);
-            }
-          }
-          continue;
-        }
-        for (int64_t i = 0; i < rows_padded; i += ROWS) {
-          vf acc[ROWS][NV];
-#if TLFAST_ISA_AMX
-          if constexpr (kAmx<M, T>) {
-            if (d >= kAmxMinDim)
-              accumulate_amx<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
-                                   reinterpret_cast<const uint32_t*>(cp), d, acc);
-            else
-              accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
-                                          reinterpret_cast<const uint32_t*>(cp), d, acc);
-          } else
-#endif
-#if TLFAST_ISA_BF16DOT
-          if constexpr (kBf16Pairs<M, T>)
-            accumulate_bf16_pairs<ROWS>(reinterpret_cast<const uint32_t*>(qpacked.get() + i * d),
-                                        reinterpret_cast<const uint32_t*>(cp), d, acc);
-          else
-#endif
-          {
-            zero<ROWS>(acc);
-            accumulate<M, ROWS>(qpacked.get() + i * d, cp, d, acc);
-          }
-          select_block(i, acc);
         }
       }
       for (int64_t r = 0; r < rows; ++r) hsize[(size_t)seg * nq + r0 + r] = heaps[r].size;
@@ -737,7 +688,6 @@ static void pairwise_impl(const float* q, int64_t nq, const float* c, int64_t n,
         const int64_t col0 = p * NR, cols = std::min<int64_t>(NR, n - col0);
         for (int64_t i = 0; i < rows_padded; i += ROWS) {
           vf acc[ROWS][NV];
-          zero<ROWS>(acc);
           accumulate<M, ROWS>(qpacked.get() + i * d, cp, d, acc);
           const int rmax = (int)std::min<int64_t>(ROWS, rows - i);
           for (int r = 0; r < rmax; ++r) {
