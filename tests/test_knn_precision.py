@@ -269,6 +269,22 @@ def test_cpu_consumes_half_inputs_natively(metric, dtype):
             assert torch.equal(got.indices, want[1]) and torch.equal(got.values, want[0])
 
 
+def test_bf16_kernel_follows_the_cpu_flags():
+    """The dispatcher picks vdpbf16ps (or AMX tiles) wherever the CPU has AVX512-BF16, so on those
+    CPUs the bf16 tests of this file run the hardware products, not the widening fallback."""
+    from tlfast._native import _C
+    from tlfast.bench.schema import cpu_model_and_flags
+
+    flags = set(cpu_model_and_flags()[1])
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "f16c"} <= flags
+    if avx512 and "avx512_bf16" in flags:
+        # AMX also needs Linux to grant the tile state (arch_prctl), which a sandbox may refuse
+        assert _C.cpu_half_kernel(0) in ("avx512-bf16", "amx-bf16")
+    else:
+        assert _C.cpu_half_kernel(0) == _C.cpu_isa() + "-widen"
+    assert _C.cpu_half_kernel(1) == _C.cpu_isa() + "-widen"  # fp16 is always widened
+
+
 def test_fp16_subnormals_and_signs_widen_exactly():
     bits = torch.tensor([0x0001, 0x03ff, 0x8001, 0x3c00, 0xfbff, 0x0400, 0x0000, 0x8000], dtype=torch.int32)
     x = bits.to(torch.int16).view(torch.float16)[None, :].repeat(3, 1)
