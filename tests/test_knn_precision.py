@@ -155,6 +155,22 @@ def test_screened_exact_triton_adversarial(screen):
     assert_identical(got, ref.knn(q, c, 10, "cosine"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("screen_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("metric", SCREENED)
+def test_screened_exact_on_cuda_is_the_oracle(metric, screen_name, screen):
+    """The GPU form of exact mode: a bf16 / fp16 tensor-core screen (bf16 cannot run under the
+    interpreter) plus the certified re-rank, on random and adversarial near-tie data."""
+    screen(screen_name)
+    for q, c in (make_inputs(metric, 64, 1000, 96, seed=21), _adversarial(metric, "duplicates")):
+        for k in (1, 10):
+            stats = {}
+            got = P.screened_knn(resolve("triton", torch.device("cuda")), q.cuda(), c.cuda(), k, METRICS[metric],
+                                 False, P.LOW_DTYPES[screen_name], stats=stats)
+            assert_identical(tuple(torch.as_tensor(x).cpu() for x in got), ref.knn(q, c, k, metric))
+            assert sum(v for key, v in stats.items() if key.startswith("screen")) > 0, stats
+
+
 def test_the_bound_holds_pair_by_pair():
     """The per-pair bound covers every screened value against the oracle's, for every metric."""
     for metric in SCREENED:
