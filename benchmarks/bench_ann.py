@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="ann-tune-cpu")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="merge earlier per-family runs (each its own locked run) into <out>/<name> instead of running")
+    ap.add_argument("--note", action="append", default=[], help="a line for the result's notes (with --merge)")
     args = ap.parse_args(argv)
     if args.merge:
         docs = [load(p) for p in args.merge]
         merged = {**docs[0], "cases": [], "notes": [], "total_s": 0}
         for doc in docs:  # each keeps its own load; the header shows the first run's
             _append(merged, doc)
+        merged["notes"] += args.note
         report.write(merged, args.out, args.name)
         print(json.dumps({"wrote": f"{args.out}/{args.name}.json", "from": args.merge}))
         return 0
