@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         docs = [load(p) for p in args.merge]
-        merged = {**docs[0], "cases": [], "notes": [], "total_s": 0}
+        merged = {**docs[0], "cases": [], "notes": [], "total_s": 0,
+                  "argv": ["(benchmarks/bench_ann.py --merge: one run per family, each run's command and load "
+                           "in the notes; header load = the first run's)"]}
         for doc in docs:  # each keeps its own load; the header shows the first run's
             _append(merged, doc)
         merged["notes"] += args.note
