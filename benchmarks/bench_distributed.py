@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench_knn import cpu_name, git_commit, mm_rate, peak_rss_bytes, write_results
+from _common import cpu_name, git_commit, mm_rate, peak_rss_bytes, write_results
 
 HERE = Path(__file__).resolve().parent
 CASE = {"metric": "cosine", "nq": 2_000, "n": 100_000, "d": 128, "k": 10}

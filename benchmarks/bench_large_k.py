@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_knn import cpu_name, git_commit, write_results  # noqa: E402
+from _common import cpu_name, git_commit, write_results  # noqa: E402
 
 CHILD = textwrap.dedent("""
     import json, time, numpy as np, torch, tlfast

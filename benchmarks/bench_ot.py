@@ -4,16 +4,15 @@ backends, dense M) and GeomLoss (tensorized), side by side; plus exact assignmen
 Every (case, contender, round) runs in its own fresh subprocess, so peak RSS is its own; rounds are
 interleaved across contenders; medians are reported with the machine load (os.getloadavg()).
 
-    python benchmarks/bench_ot.py                      # -> benchmarks/results/ot-cpu.{json,md}
+    python benchmarks/bench_ot.py                      # -> benchmarks/results/ot-cpu.{json,md} (--name to rename)
     python benchmarks/bench_ot.py --quick --out /tmp   # small shapes, a smoke run
 
 Cases:
   solve     10k x 10k x 128 unit-normalised rows, l2, reg 0.05: whole solve to marginal error tol
             (cost matrix included; ε-scaling for tlfast), transport cost, peak extra memory.
   iter      the same problem, time per iteration at fixed ε (POT with M precomputed, untimed).
-  big       100k x 100k x 128: tlfast only, one fused pass timed (an iteration is two), peak extra
-            memory; the full-solve time is per-iteration time x the iterations the 10k solve took,
-            marked as projected.
+  big       100k x 100k x 128: tlfast only, the whole solve measured (one round), its iterations,
+            time per iteration and peak extra memory.
   assign    5k x 5k (dense, tlfast.match vs scipy linear_sum_assignment on the same cost) and
             100k x 100k x 32 sparse (perfect matching on the kNN graph, gap to the kNN lower bound).
 """
@@ -32,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_knn import cpu_name, git_commit, write_results  # noqa: E402
+from _common import cpu_name, git_commit, write_results  # noqa: E402
 
 
 def unit_rows(n, d, seed, shift=0.0):
@@ -86,9 +85,10 @@ def worker(args) -> dict:
         if args.case == "solve":
             res = tot.sinkhorn(xs, xt, "l2", reg, tol=tol, max_iter=args.max_iter)
         else:
-            res = tot.sinkhorn(xs, xt, "l2", reg, tol=1e-30, max_iter=args.iters, scaling=None)
+            res = tot.sinkhorn(xs, xt, "l2", reg, tol=1e-30, max_iter=args.iters, relaxation=1.0)
         dt = time.perf_counter() - t0
-        out = {"seconds": dt, "n_iter": res.n_iter, "cost": res.cost, "marginal_error": res.marginal_error}
+        out = {"seconds": dt, "n_iter": res.n_iter, "cost": res.cost, "marginal_error": res.marginal_error,
+               "relaxation": res.relaxation, "n_scaling_steps": res.n_scaling_steps}
     elif who.startswith("pot"):
         import ot
 
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=0, help="rows of the solve / iter cases (default 10k)")
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: solve,iter,big,assign")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="ot-cpu", help="results file stem (split long runs: --skip and --name)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(assign_worker(args) if args.case == "assign" else worker(args)))
@@ -222,9 +223,9 @@ def main() -> None:
         results[case] = {c: {"runs": rs, "median_seconds": median(rs, "seconds"),
                              "median_peak_extra_mb": median(rs, "peak_extra_mb")} for c, rs in rows.items()}
         snapshot(args, loads, results)
-    if "big" not in skip:
+    if "big" not in skip:  # the whole solve, measured (one round: it takes minutes)
         loads.append(os.getloadavg()[0])
-        r = run("pass", "tlfast", n=big, m=big, d=128, reg=args.reg, tol=args.tol)
+        r = run("solve", "tlfast", n=big, m=big, d=128, reg=args.reg, tol=args.tol)
         print("big", r, flush=True)
         results["big"] = {"n": big, "runs": [r]}
         snapshot(args, loads, results)
@@ -260,7 +261,7 @@ def snapshot(args, loads, results) -> None:
         payload["pot"] = ot.__version__
     except ImportError:
         pass
-    write_results(Path(args.out), "ot-cpu", payload, markdown(payload))
+    write_results(Path(args.out), args.name, payload, markdown(payload))
 
 
 def markdown(p: dict) -> str:
@@ -276,15 +277,20 @@ def markdown(p: dict) -> str:
         ref = s.get("pot-numpy", {}).get("runs", [{}])[0].get("cost")
         lines += [f"## Whole solve {p['size']:,} x {p['size']:,} x 128 — "
                   f"l2, unit rows, reg {p['reg']}, tol {p['tol']} (‖P1 − b‖₂)", "",
-                  "| contender | median s | iterations | transport cost | rel. diff to POT numpy | "
-                  "marginal error | peak extra MB |", "|---|---|---|---|---|---|---|"]
+                  "| contender | median s | tlfast speed-up | iterations | transport cost | rel. diff to POT numpy | "
+                  "marginal error | peak extra MB |", "|---|---|---|---|---|---|---|---|"]
+        mine = s.get("tlfast", {}).get("median_seconds")
         for c, v in s.items():
             run0 = next((x for x in v["runs"] if "error" not in x), v["runs"][0])
             cost = run0.get("cost")
             rel = f"{abs(cost - ref) / ref:.1e}" if (cost is not None and ref) else "—"
             med = f"{v['median_seconds']:.2f}" if v["median_seconds"] is not None else run0.get("error", "—")
             me = run0.get("marginal_error")
-            lines.append(f"| {c} | {med} | {run0.get('n_iter', '—')} | "
+            iters = run0.get("n_iter", "—")
+            if run0.get("relaxation", 1.0) != 1.0:
+                iters = f"{iters} (ω {run0['relaxation']:.2f})"
+            up = (f"{v['median_seconds'] / mine:.2f}x" if mine and v["median_seconds"] and c != "tlfast" else "—")
+            lines.append(f"| {c} | {med} | {up} | {iters} | "
                          f"{cost if cost is not None else '—'} | {rel} | {me if me is not None else '—'} | "
                          f"{v['median_peak_extra_mb'] if v['median_peak_extra_mb'] is not None else '—'} |")
         lines += ["", "GeomLoss runs its fixed ε-scaling schedule (scaling 0.9, no tolerance) on the dense "
@@ -297,25 +303,22 @@ def markdown(p: dict) -> str:
             it = p["iters"]  # POT's log["niter"] is the last loop index, so the count asked for is used
             sec = v["median_seconds"]
             lines.append(f"| {c} | {sec / it:.3f} | {v['median_peak_extra_mb']} |" if sec else f"| {c} | failed | |")
-        lines += ["", f"tlfast's time includes what a capped solve adds to its {p['iters']} iterations: one more "
-                  "column pass to measure the returned state's marginal error and the cost pass "
-                  f"({2 * p['iters'] + 2} fused passes for {p['iters']} iterations), so it overstates the per-iteration "
-                  "time; POT's loop checks its error once in 10 iterations.", ""]
+        lines += ["", f"tlfast (plain iterations here, relaxation=1.0) includes the one column pass that a capped "
+                  f"solve adds to measure the returned state's marginal error ({2 * p['iters'] + 1} fused passes "
+                  f"for {p['iters']} iterations), so it overstates the per-iteration time slightly; POT's loop "
+                  "checks its error once in 10 iterations.", ""]
     if "big" in r:
         b = r["big"]["runs"][0]
         if "error" in b:
             lines += [f"## {r['big']['n']:,} x {r['big']['n']:,} x 128: failed ({b['error']})", ""]
         else:
-            per = b["seconds_per_iteration"]
-            it10 = r.get("solve", {}).get("tlfast", {}).get("runs", [{}])[0].get("n_iter")
-            lines += [f"## {r['big']['n']:,} x {r['big']['n']:,} x 128 (tlfast only)", "",
-                      f"One fused pass (a half-iteration) took {b['seconds_per_pass']:.1f} s: **{per:.0f} s per "
-                      f"iteration** (measured), peak extra memory **{b['peak_extra_mb']:.0f} MB** (POT's dense "
-                      f"float64 M alone: {8 * r['big']['n'] ** 2 / 1e9:.0f} GB)."]
-            if it10:
-                lines.append(f"Full solve at the solve case's iteration count ({it10} + 7 ε-scaling steps): "
-                             f"~{per * (it10 + 7) / 60:.0f} min — projected from the measured pass, not measured.")
-            lines.append("")
+            per = 2 * b["seconds"] / (2 * b["n_iter"] + 1)  # n_iter row passes + n_iter + 1 column passes
+            lines += [f"## {r['big']['n']:,} x {r['big']['n']:,} x 128, whole solve (tlfast only; measured)", "",
+                      f"**{b['seconds'] / 60:.1f} min** for the whole solve to marginal error {b['marginal_error']:.1e} "
+                      f"(tol {p['tol']}): {b['n_iter']} iterations (over-relaxation ω = {b['relaxation']:.2f}), "
+                      f"**{per:.1f} s per iteration**, transport cost {b['cost']:.7f}, peak extra memory "
+                      f"**{b['peak_extra_mb']:.0f} MB** (POT's dense float64 M alone: "
+                      f"{8 * r['big']['n'] ** 2 / 1e9:.0f} GB).", ""]
     if "assign_dense" in r and "assign_sparse" in r:
         a = r["assign_dense"]
         lines += [f"## Assignment {a['n']:,} x {a['n']:,} x 32 (l2)", "", "| contender | median s | total cost |",

@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_knn import cpu_name, git_commit, write_results  # noqa: E402
+from _common import cpu_name, git_commit, write_results  # noqa: E402
 
 
 def cpu_flags() -> list[str]:

@@ -98,13 +98,39 @@ def test_sinkhorn_accepts_every_float_dtype(dtype):
     np.testing.assert_allclose(res.cost, exact.cost, rtol=1e-5)
 
 
-def test_epsilon_scaling_reaches_the_same_fixed_point_in_fewer_iterations():
+def test_epsilon_scaling_reaches_the_same_fixed_point():
     s, t = problem("l2", n=60, m=50, d=8, seed=5)
-    with_scaling = tot.sinkhorn(s, t, "l2", 0.02, tol=1e-6, max_iter=3000)
-    plain = tot.sinkhorn(s, t, "l2", 0.02, tol=1e-6, max_iter=3000, scaling=None)
+    with_scaling = tot.sinkhorn(s, t, "l2", 0.02, tol=1e-6, max_iter=3000, scaling=0.5, relaxation=1.0)
+    plain = tot.sinkhorn(s, t, "l2", 0.02, tol=1e-6, max_iter=3000, relaxation=1.0)
     assert with_scaling.converged and plain.converged
+    assert with_scaling.n_scaling_steps > 0 and plain.n_scaling_steps == 0
     np.testing.assert_allclose(with_scaling.cost, plain.cost, rtol=1e-5)
-    assert with_scaling.n_iter < plain.n_iter
+
+
+@pytest.mark.parametrize("metric, reg", [("l2", 0.02), ("cosine", 0.01), ("kl", 0.05)])
+def test_over_relaxation_reaches_pots_fixed_point_in_fewer_iterations(metric, reg):
+    s, t = problem(metric, n=70, m=55, d=8, seed=6)
+    plain = tot.sinkhorn(s, t, metric, reg, tol=1e-7, max_iter=20000, relaxation=1.0)
+    auto = tot.sinkhorn(s, t, metric, reg, tol=1e-7, max_iter=20000)
+    fixed = tot.sinkhorn(s, t, metric, reg, tol=1e-7, max_iter=20000, relaxation=1.5)
+    M_ = dense_cost(s, t, metric).astype(np.float64)
+    a, b = np.full(len(s), 1 / len(s)), np.full(len(t), 1 / len(t))
+    want = float((pot.sinkhorn(a, b, M_, reg, method="sinkhorn_log", stopThr=1e-11, numItermax=200000) * M_).sum())
+    assert plain.relaxation == 1.0 and 1.0 < auto.relaxation <= 1.9 and fixed.relaxation == 1.5
+    for r in (plain, auto, fixed):
+        assert r.converged and r.marginal_error <= 1e-7
+        np.testing.assert_allclose(r.cost, want, rtol=1e-5)
+        # the last update is a plain one: rows exact, as in POT's state, up to the float32 tiles'
+        # rounding of (f + g - C)/reg, ~ (max C / reg) * 2^-24 = 1.2e-5 at reg 0.02
+        np.testing.assert_allclose(r.dense_plan().sum(1), a, rtol=5e-5)
+    assert auto.n_iter < plain.n_iter and fixed.n_iter < plain.n_iter
+
+
+def test_over_relaxation_is_validated():
+    s, t = problem("l2")
+    for bad in (0.5, 2.0, "fast", True, None):
+        with pytest.raises(ValueError, match="relaxation"):
+            tot.sinkhorn(s, t, relaxation=bad)
 
 
 def test_unbalanced_matches_pot_sinkhorn_unbalanced():
