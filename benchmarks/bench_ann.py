@@ -10,9 +10,14 @@ size, merged into one result:
   (anisotropic components of Zipf weights), ``minilm-cosine`` 10k real all-MiniLM-L6-v2 embeddings
   of generated sentences (needs the extract extra).
 
-Per family and kind: build with the defaults (chosen from n), tune on 1,000 corpus rows
-(exclude_self), then recall@10 and queries/s on 2,000 *fresh* queries against tlfast's exact
-search, interleaved rounds; a recall–QPS sweep around the tuned setting for the chart.
+Per family and kind: build with the defaults (chosen from n), ``tune(0.95)`` from the corpus
+alone (queries=None: 1,000 corpus rows, or neighbour steps for hnsw) and again on 1,000 held-out
+tuning queries, then recall@10 and queries/s of both settings on 2,000 *fresh* queries (a third
+draw) against tlfast's exact search, interleaved rounds; a recall–QPS sweep for the chart.
+Each family is best run on its own under the benchmark lock, then merged:
+
+    flock /tmp/tlfast-bench.lock python benchmarks/bench_ann.py --families dirichlet-kl --out /tmp/r --name dirichlet-kl
+    python benchmarks/bench_ann.py --merge /tmp/r/*.json    # -> benchmarks/results/ann-tune-cpu.*
 
     python benchmarks/bench_ann.py                      # -> benchmarks/results/ann-tune-cpu.{json,md,png}
     python benchmarks/bench_ann.py --quick --out /tmp   # small shapes
@@ -34,7 +39,19 @@ SIZES = {"dirichlet-kl": 500_000, "clustered-cosine": 1_000_000, "minilm-cosine"
          "gaussian-mixture-l2": 100_000, "blobs-cosine": 100_000}
 # One kind per large family: the shared 2-core machine gives this run a fraction of a core, and
 # faiss's k-means at 4000 lists / HNSW graphs at 1M rows cost more than the whole rest of the run.
-KINDS = {"clustered-cosine": "ivf-tlfast", "gaussian-mixture-l2": "ivf,hnsw", "blobs-cosine": "ivf,ivf-tlfast"}
+KINDS = {"clustered-cosine": "ivf-tlfast", "gaussian-mixture-l2": "ivf,hnsw", "blobs-cosine": "ivf,hnsw"}
+
+
+def _append(merged: dict, doc: dict) -> None:
+    """One family's run into the merged result; each run's own command and load stay in the notes."""
+    fams = sorted({r["params"]["family"] for r in doc["cases"]})
+    m = doc["machine"]
+    merged["cases"] += doc["cases"]
+    merged["notes"] += doc["notes"] + [
+        f"{', '.join(fams)}: run as `{' '.join(doc.get('argv', []))}` at {doc.get('created', '?')}, load average "
+        f"{'/'.join(f'{v:.1f}' for v in m.get('load_avg_start', []))} -> "
+        f"{'/'.join(f'{v:.1f}' for v in m.get('load_avg_end', []))}"]
+    merged["total_s"] = merged.get("total_s", 0) + doc.get("total_s", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nq", type=int, default=2000)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="ann-tune-cpu")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="merge earlier per-family runs (each its own locked run) into <out>/<name> instead of running")
+    ap.add_argument("--note", action="append", default=[], help="a line for the result's notes (with --merge)")
     args = ap.parse_args(argv)
+    if args.merge:
+        docs = [load(p) for p in args.merge]
+        merged = {**docs[0], "cases": [], "notes": [], "total_s": 0,
+                  "argv": ["(benchmarks/bench_ann.py --merge: one run per family, each run's command and load "
+                           "in the notes; header load = the first run's)"]}
+        for doc in docs:  # each keeps its own load; the header shows the first run's
+            _append(merged, doc)
+        merged["notes"] += args.note
+        report.write(merged, args.out, args.name)
+        print(json.dumps({"wrote": f"{args.out}/{args.name}.json", "from": args.merge}))
+        return 0
     merged = None
     with tempfile.TemporaryDirectory() as tmp:
         for fam in args.families.split(","):
@@ -59,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             if merged is None:
                 merged = doc
             else:
-                merged["cases"] += doc["cases"]
-                merged["notes"] += doc["notes"]
-                merged["total_s"] = merged.get("total_s", 0) + doc.get("total_s", 0)
+                _append(merged, doc)
             # written after every family, so that an interrupted run keeps what it measured
             merged["argv"] = ["(benchmarks/bench_ann.py)", *(argv if argv is not None else sys.argv[1:])]
             report.write(finish(merged), args.out, args.name)

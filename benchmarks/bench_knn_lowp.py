@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_rss_bytes, reset_peak_rss, rss_bytes
 from tlfast._persist import write_file
 from tlfast.bench.data import knn_data
 from tlfast.bench.knn import _faiss
@@ -28,29 +28,6 @@ from tlfast.bench.schema import cpu_model_and_flags, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS mark (VmHWM) so that it measures from now on (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 LOWP_SHAPE = (10_000, 100_000, 128, 10)        # cosine, k = 10 (--queries changes the 10,000)

@@ -121,8 +121,13 @@ def test_tune_suite_table_and_recall_qps_chart(tmp_path):
     assert main(["bench", "tune", "--families", "dirichlet-kl", "--n", "3000", "--nq", "100", "--rounds", "1",
                  "--out", str(tmp_path)]) == 0
     doc = schema.load(tmp_path / "tune.json")
-    tuned = next(r for r in doc["cases"] if r["case"] == "tune/dirichlet-kl" and not r["peer_of"])
-    assert tuned["metrics"]["tuned"]["nprobe"] >= 1 and 0 < tuned["metrics"]["recall_at_k"] <= 1
+    tuned = [r for r in doc["cases"] if r["case"] == "tune/dirichlet-kl" and not r["peer_of"]]
+    # tuned twice on one build: from the corpus alone, and on a held-out set disjoint from the fresh queries
+    assert [r["metrics"]["tuned_on"] for r in tuned] == ["corpus", "held-out queries"]
+    assert tuned[0]["metrics"]["tune_queries_from"] == "corpus rows (exclude_self)"
+    assert tuned[1]["metrics"]["tune_queries_from"] == "given" and tuned[1]["metrics"]["tune_queries"] == 1000
+    for r in tuned:
+        assert r["metrics"]["tuned"]["nprobe"] >= 1 and 0 < r["metrics"]["recall_at_k"] <= 1
     assert any(r["case"] == "sweep/dirichlet-kl" for r in doc["cases"])
     assert "fresh-query recall" in (tmp_path / "tune.md").read_text()
     assert (tmp_path / "tune.png").read_bytes()[:8] == PNG

@@ -88,6 +88,21 @@ def test_knn_matches_naive_odd_shapes(backend, metric, k):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_knn_large_d(metric):
+    """d = 777: a packed corpus panel deeper than L1 holds (the kernels' loops over d are longest),
+    more than one query block (the block shrinks as d grows), k = 1, 9 and k = n, exclude_self."""
+    q, c = make_inputs(metric, 170, 101, 777, seed=31)
+    # float32 sums of 777 products of unit-variance entries: the ip / l2 values (|v| ~ 28, ~1500)
+    # carry an absolute error of about sqrt(d) u sum |q_t c_t|, some 1e-4, not the small-d 2e-5
+    tol = dict(TOL[torch.float32], atol=1e-3)
+    for k in (1, 9, 101):
+        res = tlfast.knn(q, c, k, metric, backend="cpu")
+        check_knn(res.values, res.indices, q, c, k, metric, tol)
+    res = tlfast.knn(c, c, 9, metric, backend="cpu", exclude_self=True)
+    check_knn(res.values, res.indices, c, c, 9, metric, tol, exclude_self=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_cpu_equals_reference(metric):
     q, c = make_inputs(metric, 129, 1000, 33, seed=3)
     got = tlfast.knn(q, c, 10, metric, backend="cpu")

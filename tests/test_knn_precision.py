@@ -155,6 +155,22 @@ def test_screened_exact_triton_adversarial(screen):
     assert_identical(got, ref.knn(q, c, 10, "cosine"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("screen_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("metric", SCREENED)
+def test_screened_exact_on_cuda_is_the_oracle(metric, screen_name, screen):
+    """The GPU form of exact mode: a bf16 / fp16 tensor-core screen (bf16 cannot run under the
+    interpreter) plus the certified re-rank, on random and adversarial near-tie data."""
+    screen(screen_name)
+    for q, c in (make_inputs(metric, 64, 1000, 96, seed=21), _adversarial(metric, "duplicates")):
+        for k in (1, 10):
+            stats = {}
+            got = P.screened_knn(resolve("triton", torch.device("cuda")), q.cuda(), c.cuda(), k, METRICS[metric],
+                                 False, P.LOW_DTYPES[screen_name], stats=stats)
+            assert_identical(tuple(torch.as_tensor(x).cpu() for x in got), ref.knn(q, c, k, metric))
+            assert sum(v for key, v in stats.items() if key.startswith("screen")) > 0, stats
+
+
 def test_the_bound_holds_pair_by_pair():
     """The per-pair bound covers every screened value against the oracle's, for every metric."""
     for metric in SCREENED:
@@ -216,20 +232,73 @@ def test_low_precision_modes(backend, metric, precision):
         assert bool(((v.double() - exact).abs() <= lim).all())
 
 
+def _bf16_products_in_hardware(metric: str, dtype) -> bool:
+    """bf16 ip / cosine / l2 on a CPU with AVX512-BF16 or AMX: multiplied in bf16 pairs, not widened."""
+    from tlfast._native import _C
+
+    return dtype == torch.bfloat16 and metric in ("ip", "cosine", "l2") and not _C.cpu_half_kernel(0).endswith("-widen")
+
+
+def _assert_same_up_to_summation_order(got, want, q, c, metric, exclude_self=False):
+    """bf16 pair products (vdpbf16ps, tdpbf16ps) are exact in float32 and accumulate in float32 in
+    another order than the float32 kernel's (and cosine scales by the inverse norms instead of
+    normalising the rows), so each value may differ from the float32 kernel's by a few gamma_d
+    |q| |c| (cosine: |q| |c| = 1); a returned row must be within twice that of the float64 k-th
+    best, which keeps indices equal except on near-ties."""
+    d = q.shape[1]
+    qd, cd = q.double(), c.double()
+    scale = torch.ones(q.shape[0], c.shape[0], dtype=torch.float64)
+    if metric != "cosine":
+        scale = qd.norm(dim=1)[:, None] * cd.norm(dim=1)[None, :]
+    tol = 4 * (d + 4) * 2.0 ** -24 * scale.max(dim=1).values
+    assert bool(((got.values.double() - want[0].double()).abs() <= tol[:, None]).all())
+    exact = ref.pairwise(qd, cd, metric).double()
+    larger_is_better = metric in ("ip", "cosine")
+    if exclude_self:
+        exact.fill_diagonal_(-float("inf") if larger_is_better else float("inf"))
+    k = got.indices.shape[1]
+    kth = (exact.topk(k, dim=1, largest=larger_is_better).values[:, -1])
+    found = exact.gather(1, got.indices)
+    if larger_is_better:
+        assert bool((found >= (kth - 2 * tol)[:, None]).all())
+    else:
+        assert bool((found <= (kth + 2 * tol)[:, None]).all())
+    assert float((got.indices == want[1]).double().mean()) > 0.9  # near-ties are rare on these rows
+
+
 @pytest.mark.parametrize("metric", sorted(METRICS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_consumes_half_inputs_natively(metric, dtype):
     """bf16 / fp16 inputs are widened while packing: results equal the float32 kernel's on the
-    widened values bit for bit (odd shapes, several query blocks, exclude_self)."""
+    widened values bit for bit (odd shapes, several query blocks, exclude_self).  Where the CPU
+    multiplies bf16 in hardware (AVX512-BF16, AMX: bf16 ip / cosine / l2), they equal them up to
+    float32 summation order."""
     q, c = make_inputs(metric, 301, 157, 21, seed=4, dtype=dtype)
     cpu = resolve("cpu", q.device)  # the widened copies' row sums may miss float32's simplex tolerance
-    for k in (1, 9):
-        got = tlfast.knn(q, c, k, metric, backend="cpu")
-        want = cpu.knn(q.float(), c.float(), k, METRICS[metric], False)
-        assert torch.equal(got.indices, want[1]) and torch.equal(got.values, want[0])
-    got = tlfast.knn(c, c, 3, metric, backend="cpu", exclude_self=True)
-    want = cpu.knn(c.float(), c.float(), 3, METRICS[metric], True)
-    assert torch.equal(got.indices, want[1]) and torch.equal(got.values, want[0])
+    hardware = _bf16_products_in_hardware(metric, dtype)
+    for a, b, k, exclude_self in ((q, c, 1, False), (q, c, 9, False), (c, c, 3, True)):
+        got = tlfast.knn(a, b, k, metric, backend="cpu", exclude_self=exclude_self)
+        want = cpu.knn(a.float(), b.float(), k, METRICS[metric], exclude_self)
+        if hardware:
+            _assert_same_up_to_summation_order(got, want, a, b, metric, exclude_self)
+        else:
+            assert torch.equal(got.indices, want[1]) and torch.equal(got.values, want[0])
+
+
+def test_bf16_kernel_follows_the_cpu_flags():
+    """The dispatcher picks vdpbf16ps (or AMX tiles) wherever the CPU has AVX512-BF16, so on those
+    CPUs the bf16 tests of this file run the hardware products, not the widening fallback."""
+    from tlfast._native import _C
+    from tlfast.bench.schema import cpu_model_and_flags
+
+    flags = set(cpu_model_and_flags()[1])
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "f16c"} <= flags
+    if avx512 and "avx512_bf16" in flags:
+        # AMX also needs Linux to grant the tile state (arch_prctl), which a sandbox may refuse
+        assert _C.cpu_half_kernel(0) in ("avx512-bf16", "amx-bf16")
+    else:
+        assert _C.cpu_half_kernel(0) == _C.cpu_isa() + "-widen"
+    assert _C.cpu_half_kernel(1) == _C.cpu_isa() + "-widen"  # fp16 is always widened
 
 
 def test_fp16_subnormals_and_signs_widen_exactly():

@@ -512,8 +512,10 @@ class Index:
         speed-up over exact search.
 
         Recall is measured against tlfast's exact search on ``queries`` (at most ``sample`` of
-        them) or, when None, on ``sample`` corpus rows searched with exclude_self.  Use queries
-        like the ones the index will serve when their distribution differs from the corpus's.
+        them) or, when None, on queries built from ``sample`` corpus rows: the rows with
+        exclude_self for ivf, neighbour steps x_i + (x_a − x_b) that are not graph nodes for hnsw
+        (``tlfast.ann.tune``).  Use queries like the ones the index will serve when their
+        distribution differs from the corpus's.
         """
         if self.kind == "flat":
             raise ValueError("a flat index searches exactly (recall 1): there is nothing to tune; "

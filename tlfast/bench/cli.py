@@ -107,6 +107,8 @@ def add_parser(sub, formatter) -> None:
     s.add_argument("-k", "--k", type=int, default=10)
     s.add_argument("--kinds", type=_csv(str), default=None, help="e.g. ivf,hnsw (default: every kind for the metric)")
     s.add_argument("--no-sweep", action="store_true", help="skip the recall-QPS sweep around the tuned setting")
+    s.add_argument("--no-heldout", action="store_true",
+                   help="tune from the corpus only (skip the second tune on 1,000 held-out queries)")
 
     s = suites.add_parser("pipeline", help="Index.search / match layer vs tlfast.knn, faiss, torch, sklearn",
                           formatter_class=formatter)
@@ -246,15 +248,16 @@ def _run_tune(args, result, rounds, log) -> None:
     nq = args.nq or (300 if args.quick else 2000)
     for fam in args.families:
         try:
-            metric, x, q, generated = family_data(fam, n, nq)
+            metric, x, q, tune_q, generated = family_data(fam, n, nq)
         except Exception as exc:  # MiniLM needs the extract extra: say so and go on
             result["notes"].append(f"{fam}: skipped ({type(exc).__name__}: {exc})")
             log(f"{fam}: skipped ({exc})")
             continue
-        log(f"{fam}: {len(x)} x {x.shape[1]} {metric}, {len(q)} fresh queries")
+        log(f"{fam}: {len(x)} x {x.shape[1]} {metric}, {len(q)} fresh queries, {len(tune_q)} held-out tuning queries")
         result["cases"] += tune_case(fam, x, q, metric, k=args.k, target=args.target, kinds=_kinds(args.kinds, metric),
-                                     rounds=rounds, sweep=not args.no_sweep, generated=generated, log=log)
-        del x, q
+                                     rounds=rounds, sweep=not args.no_sweep, generated=generated,
+                                     tune_queries=None if args.no_heldout else tune_q, log=log)
+        del x, q, tune_q
 
 
 def _run_pipeline(args, result, rounds, log) -> None:
