@@ -210,8 +210,8 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     runs for all columns at once:  ‖m‖² = Σ z²/(s+λ)²,  ‖y - Fm‖² = ‖y‖² - Σ z² (s+2λ)/(s+λ)²,
     λ = α/β.  Three such steps warm up; then Newton's method on the profile log evidence in log λ
     (β at its optimum n / E(λ), ascent steps only) runs to ``tol`` relative change in λ, or until
-    L / n has less than ~``tol`` left to gain (a column without signal has its supremum at
-    λ -> ∞), so the value is the maximum of L.  tllib's loop instead stops after at most 11 steps at a 1% change,
+    L / n has less than ``tol`` left to gain by the Newton decrement (a column without signal has
+    its supremum at λ -> ∞), so the value is the maximum of L.  tllib's loop instead stops after at most 11 steps at a 1% change,
     with ε = 1e-5 in the denominators.
 
     Args:
@@ -293,9 +293,12 @@ def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
                 break
             step = torch.where(worse, step / 2, step)
         t = t + step
-        # Converged where λ moved by < tol relatively, or where ℓ / n has < ~tol left to gain: a
-        # column without signal has its supremum at λ -> ∞ (w = 0), approached with g_t -> 0.
-        if bool(((step.abs() <= tol) | (g_t.abs() <= tol * n)).all()):
+        # Converged where λ moved by < tol relatively, or where ℓ / n has < tol left to gain by the
+        # Newton decrement g² / 2|h| (|g| where ℓ is not concave: a column without signal has its
+        # supremum at λ -> ∞, w = 0).  The second test is what stops a column whose gradient is
+        # float64 rounding (~1e-11 of its n-sized terms) before λ settles to 1e-12.
+        gain = torch.where(h_t < 0, 0.5 * g_t * g_t / h_t.abs().clamp(min=tiny), g_t.abs())
+        if bool(((step.abs() <= tol) | (gain <= tol * n)).all()):
             break
     lam = torch.exp(t)
     sl = s + lam[:, None]
