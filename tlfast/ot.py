@@ -184,8 +184,9 @@ class OTResult:
         cost: the transport cost Σ_ij P_ij C_ij (POT's ``ot.sinkhorn2`` value; no entropy term).
         n_iter: iterations at the target ``reg`` (ε-scaling steps not counted).
         n_scaling_steps: ε-scaling iterations run before them (0 without ``scaling``).
-        marginal_error: ‖P 1 - b‖₂ at the end (rows are exact: the last update is a plain one); for
-            unbalanced problems the largest change of a potential in the last iteration.
+        marginal_error: ‖P 1 - b‖₂ at the end (rows are exact: a converged solve ends with a plain
+            update; one stopped by max_iter while relaxed reports the larger of the row and column
+            errors); for unbalanced problems the largest change of a potential in the last iteration.
         converged: marginal_error <= tol.
         relaxation: the over-relaxation ω the iterations ended with (1.0: plain Sinkhorn).
     """
@@ -473,7 +474,7 @@ def _solve(ops: _Operands, la, lb, aw, bw, eps, rho, max_iter, tol, scaling, spr
             errs.append(err)
             if err < errs[best_at]:
                 best_at = len(errs) - 1
-            if it > 0 and err <= tol and w != 1.0:
+            if it > 0 and err <= tol and w != 1.0 and it < max_iter:
                 w, auto = 1.0, False  # met under relaxation: end with a plain update, so the rows are exact (POT's state)
             elif it > 0 and err <= tol or it >= max_iter:
                 break
@@ -508,8 +509,6 @@ def _solve(ops: _Operands, la, lb, aw, bw, eps, rho, max_iter, tol, scaling, spr
     if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())):
         raise ValueError("Sinkhorn potentials became non-finite: some row can reach no column at finite cost "
                          "(kl with disjoint supports?); check the inputs or raise reg")
-    if R is None:  # max_iter reached before any row pass cannot happen (max_iter >= 1); kept for safety
-        R, mean_cost = row_lse(g, eps, with_cost=True)
     # Transport cost Σ_ij P_ij C_ij of the returned (f, g): row i's mass times its softmax-mean cost.
     mass = torch.exp(la + (f - p) / eps + R)
     cost = float((mass * (mean_cost + p)).sum())
