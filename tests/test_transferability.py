@@ -222,3 +222,10 @@ def test_cli_rank(tmp_path, capsys):
     assert [r["name"] for r in rows] == ["best", "noise"] and rows[0]["dims"] == 8
     assert main(["rank", str(tmp_path / "labels.npy"), "efficientnet_lite0"]) == 2
     assert "--data" in capsys.readouterr().err
+    # --standardize: a column scaled by 1e4 does not change the standardised ranking or scores
+    np.save(tmp_path / "good_scaled.npy", (f * np.r_[1e4, np.ones(7)]).astype(np.float32))
+    std = tmp_path / "rank_std.json"
+    assert main(["rank", str(tmp_path / "labels.npy"), f"best={tmp_path / 'good.npy'}",
+                 f"scaled={tmp_path / 'good_scaled.npy'}", "--standardize", "-o", str(std)]) == 0
+    scores = {r["name"]: r["score"] for r in json.loads(std.read_text())["rows"]}
+    np.testing.assert_allclose(scores["scaled"], scores["best"], rtol=1e-4)

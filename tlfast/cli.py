@@ -312,7 +312,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
                 data = _read_extract_input(Path(args.data))
             candidates[name] = tlfast.Extractor.from_pretrained(where, device=args.device)
     table = tlfast.rank_sources(candidates, data, labels, metric=args.metric, sample=args.sample,
-                                regression=args.regression, seed=args.seed)
+                                regression=args.regression, standardize=args.standardize, seed=args.seed)
     md = ranking_table(table, args.metric)
     if args.out:
         out = Path(args.out)
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="logme", choices=["logme", "hscore", "hscore_shrinkage", "transrate"])
     s.add_argument("--sample", type=int, default=None, help="score a random sample of this many rows")
     s.add_argument("--regression", action="store_true", help="labels are real targets (logme only)")
+    s.add_argument("--standardize", action="store_true",
+                   help="z-score each candidate's feature columns before scoring (rank_sources(standardize=True))")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     s.add_argument("--device", default="cpu", help="device for model candidates")
     s.add_argument("--out", "-o", default=None, help="also write the table to .json or .md")
