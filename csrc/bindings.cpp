@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "cpu/check_rows.h"
+#include "cpu/gram.h"
 #include "cpu/knn.h"
 #include "cpu/pool.h"
 #include "cpu/preprocess.h"
@@ -154,6 +155,21 @@ py::tuple sinkhorn_lse_cpu(const py::array& u, const py::array& v, float scale, 
     tlfast::cpu::lse_rows(up, n, vp, m, d, scale, bp, alpha, cp, threads, lp, op);
   }
   return py::make_tuple(lse, cost);
+}
+
+// g += the upper triangle of aᵀa (csrc/cpu/gram.h): a (n, d) float32, g (d, d) float64, both
+// C-contiguous; g is updated in place.
+void gram_upper_add_cpu(const py::array& a, py::array& g, int threads) {
+  check_matrix(a, "a");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const int64_t n = a.shape(0), d = a.shape(1);
+  if (!g.dtype().is(py::dtype::of<double>())) throw py::type_error("g must be a float64 array");
+  if (g.ndim() != 2 || g.shape(0) != d || g.shape(1) != d) throw py::value_error("g must have shape (dim, dim)");
+  if (!(g.flags() & py::array::c_style) || !g.writeable()) throw py::value_error("g must be C-contiguous and writeable");
+  const float* ap = static_cast<const float*>(a.data());
+  double* gp = static_cast<double*>(g.mutable_data());
+  py::gil_scoped_release release;
+  tlfast::cpu::gram_upper_add(ap, n, d, threads, gp);
 }
 
 py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
@@ -325,6 +341,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sinkhorn_lse_cpu", &sinkhorn_lse_cpu, py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("beta"),
         py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
         "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
+  m.def("gram_upper_add_cpu", &gram_upper_add_cpu, py::arg("a"), py::arg("g"), py::arg("threads"),
+        "g += the upper triangle of a.T @ a (float32 products over 256-row slices, float64 sums).");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

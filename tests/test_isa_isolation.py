@@ -36,7 +36,7 @@ def functions_using_wide_registers(obj: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("kernel,isa", [("fused_knn", isa) for isa in ("amx", "avx512bf16", "avx512", "avx2", "generic")]
-                         + [("sinkhorn", isa) for isa in ("avx512", "avx2", "generic")])
+                         + [(kernel, isa) for kernel in ("sinkhorn", "gram") for isa in ("avx512", "avx2", "generic")])
 def test_only_the_isa_namespace_uses_the_isa(kernel, isa, tmp_path):
     obj = tmp_path / f"{isa}.o"
     # The flags CMakeLists.txt gives every C++ source (no ISA flags: the TU's pragma sets the ISA).
@@ -62,3 +62,16 @@ def test_bf16_pair_layout_matches_the_float32_kernel(amx, tmp_path):
                     str(ROOT / "tests" / "cpp" / "bf16_pairs_check.cpp"), "-o", str(exe)], check=True)
     proc = subprocess.run([str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["generic-4x12", "avx2-4x24", "avx512-8x48"])
+def test_gram_kernel_tiles_every_layout(layout, tmp_path):
+    """The Gram kernel's packing and triangular tiling in each ISA's register layout, built without ISA
+    flags (GCC lowers the wide vectors), so the AVX-512 layout is checked on any CPU: the upper
+    triangle equals a float64 product on odd shapes and thread counts, nothing wholly below it is written."""
+    exe = tmp_path / "gram_check"
+    subprocess.run([CXX, "-O2", "-fopenmp", "-std=gnu++17", "-Wno-psabi", f"-DCHECK_LAYOUT={layout}",
+                    f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cpp" / "gram_check.cpp"), "-o", str(exe)], check=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")

@@ -229,3 +229,68 @@ def test_cli_rank(tmp_path, capsys):
                  f"scaled={tmp_path / 'good_scaled.npy'}", "--standardize", "-o", str(std)]) == 0
     scores = {r["name"]: r["score"] for r in json.loads(std.read_text())["rows"]}
     np.testing.assert_allclose(scores["scaled"], scores["best"], rtol=1e-4)
+
+
+_native = pytest.mark.skipif(tr._C is None, reason="the compiled extension is not built")
+
+
+@_native
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 2), (255, 23), (256, 24), (257, 25), (600, 97), (1000, 130)])
+def test_native_gram_equals_the_float64_product(n, d):
+    """tlfast's Gram kernel (used for float32 rows on CPU): the upper triangle of AᵀA, summed in
+    float64 over float32 slices, added to what g holds; tiles wholly below the diagonal untouched."""
+    rng = np.random.default_rng(n + d)
+    a = rng.standard_normal((n, d)).astype(np.float32)
+    a[0] *= 1e3  # one dominant row
+    ref = a.astype(np.float64).T @ a.astype(np.float64)
+    mag = np.abs(a.astype(np.float64)).T @ np.abs(a.astype(np.float64))
+    g = np.full((d, d), 7.0)
+    tr._C.gram_upper_add_cpu(a, g, 2)
+    upper = np.triu_indices(d)
+    # float32 sums over at most 256 rows: |error| <= 257 u sum |a_ti a_tj| (u = 2^-24), then float64
+    bound = 257 * 2.0 ** -24 * mag + 1e-12
+    np.testing.assert_array_less(np.abs(g[upper] - 7.0 - ref[upper]), bound[upper])
+    lower = np.tril_indices(d, -1)
+    below = g[lower]
+    touched = below != 7.0  # only tiles across the diagonal, with the true value
+    np.testing.assert_array_less(np.abs(below[touched] - 7.0 - ref[lower][touched]), bound[lower][touched])
+    if d >= 48:
+        assert not touched[lower[0] - lower[1] > 48].any()
+
+
+@_native
+def test_native_gram_rejects_bad_arguments():
+    a = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="a must be a float32"):
+        tr._C.gram_upper_add_cpu(a.astype(np.float64), np.zeros((3, 3)), 1)
+    with pytest.raises(TypeError, match="g must be a float64"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="g must have shape"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((4, 4)), 1)
+    with pytest.raises(ValueError, match="g must be C-contiguous"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 6))[:, ::2], 1)
+    frozen = np.zeros((3, 3))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        tr._C.gram_upper_add_cpu(a, frozen, 1)
+    with pytest.raises(ValueError, match="threads"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 0)
+
+
+@_native
+def test_logme_native_gram_equals_the_torch_path(monkeypatch):
+    """float32 rows on CPU take the native kernel; the torch GEMM path (float64 input, or no
+    extension) gives the same statistics, and NaN rows are still reported with their chunk."""
+    f, y = _problem(2000, 61, 7)
+    f32 = f.astype(np.float32)
+    native = tr.logme(f32, y)
+    monkeypatch.setattr(tr, "_native_gram", lambda c: False)
+    torch_path = tr.logme(f32, y)
+    assert native == pytest.approx(torch_path, rel=1e-6)
+    assert native == pytest.approx(tr.logme(f32.astype(np.float64), y), rel=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(tr, "_CHUNK", 300)
+    bad = f32.copy()
+    bad[1234, 5] = np.nan
+    with pytest.raises(ValueError, match=r"rows 1200\.\.1499"):
+        tr.logme(bad, y)

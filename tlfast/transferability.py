@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._native import _C
 from ._validate import as_tensor
 
 __all__ = ["SourceScore", "hscore", "leep", "logme", "nce", "rank_sources", "transrate"]
@@ -80,11 +81,16 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Column-block width of the symmetric FᵀF product: only the blocks on and above the diagonal are
-# computed (for d = 1024, 10 of 16 blocks), each still a full-rate GEMM (256 measured faster than
-# 128 on the 2-core EPYC: the narrower blocks' GEMMs lose more rate than they save flops).  (One BLAS ssyrk call per
-# chunk through scipy measured no faster with 2 threads: docs/design/training.md.)
+# FᵀF on CPU for float32 rows: tlfast's own kernel (csrc/cpu/gram_kernel.h), the upper register
+# tiles only, float32 sums over 256-row slices then float64 - about half the flops of torch's full
+# product at its rate (docs/design/training.md).  Elsewhere (float64, GPU, no native module) the
+# upper block triangle as torch GEMMs: for d = 1024, 10 of 16 blocks, each a full-rate GEMM (256
+# measured faster than 128 on the 2-core EPYC: narrower blocks' GEMMs lose more rate than they save).
 _GRAM_BLOCK = 256
+
+
+def _native_gram(c: torch.Tensor) -> bool:
+    return _C is not None and c.device.type == "cpu" and c.dtype == torch.float32
 
 try:  # the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
     from scipy.linalg.lapack import dormqr as _dormqr, dstevd as _dstevd, dsytrd as _dsytrd
@@ -115,12 +121,16 @@ def _upper_gram(c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str,
-              scratch: torch.Tensor | None = None) -> torch.Tensor:
+              scratch: torch.Tensor | None = None) -> torch.Tensor | None:
     """gram += the upper triangle of cᵀc (float64); NaN / inf rows show on its diagonal.
 
-    ``scratch`` (d, d) in c's dtype is reused across chunks; the one it used is returned."""
-    scratch = _upper_gram(c, scratch if scratch is not None and scratch.dtype == c.dtype else None)
-    gram += scratch  # one float64 pass: in-place add promotes the float32 operand
+    ``scratch`` (d, d) in c's dtype is reused across chunks by the torch path; the one it used is
+    returned (None from the native kernel, which adds into ``gram`` itself)."""
+    if _native_gram(c) and gram.is_contiguous():
+        _C.gram_upper_add_cpu(c.contiguous().numpy(), gram.numpy(), torch.get_num_threads())
+    else:
+        scratch = _upper_gram(c, scratch if scratch is not None and scratch.dtype == c.dtype else None)
+        gram += scratch  # one float64 pass: in-place add promotes the float32 operand
     diag = torch.diagonal(gram)
     if not bool(torch.isfinite(diag).all()):
         raise ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "

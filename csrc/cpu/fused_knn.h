@@ -33,28 +33,9 @@ namespace tlfast {
 namespace cpu {
 namespace TLFAST_ISA {
 
-#if TLFAST_ISA_AMX && TLFAST_ISA_AVX512
-constexpr int W = 16;
-constexpr int MR = 16;  // an AMX A tile holds 16 query rows
-#elif TLFAST_ISA_AMX && TLFAST_ISA_AVX2
-constexpr int W = 8;    // tests only: the AMX block with the tile operations written out
-constexpr int MR = 16;
-#elif TLFAST_ISA_AVX512
-constexpr int W = 16;   // floats per vector
-constexpr int MR = 12;  // query rows per register block: 12 x 2 accumulators of 32 zmm registers
-#elif TLFAST_ISA_AVX2
-constexpr int W = 8;
-constexpr int MR = 6;   // 6 x 2 accumulators of 16 ymm registers
-#else
-constexpr int W = 4;
-constexpr int MR = 6;
-#endif
-constexpr int NV = 2;          // vectors per row of the register block
-constexpr int NR = NV * W;     // corpus rows per packed panel
-constexpr int MR_JS = 4;       // js needs registers for the log, so its block is shorter
+#include "register_block.h"
 
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
+constexpr int MR_JS = 4;       // js needs registers for the log, so its block is shorter
 
 static inline unsigned movemask(vi m) {
 #if TLFAST_ISA_AVX512
@@ -65,8 +46,6 @@ static inline unsigned movemask(vi m) {
   return (unsigned)_mm_movemask_ps((__m128)m);
 #endif
 }
-
-static inline vf splat(float x) { return vf{} + x; }
 
 // Low-precision inputs (bf16, fp16) are widened to float32 row by row while packing, so the
 // corpus is never copied to float32 as a whole: the packed panel is the only float32 form.
@@ -306,11 +285,13 @@ static inline void accumulate_amx(const uint32_t* __restrict qp, const uint32_t*
 }
 #endif
 
-// Inner loop over d for one MR x NR register block.
+// Inner loop over d for one MR x NR register block: the shared microkernel (register_block.h), or
+// for js the same loop with s log s of the sums in place of the products.
 template <Metric M, int ROWS>
 static inline void accumulate(const float* __restrict qp,  // [d][ROWS], packed query micro-panel
                               const float* __restrict cp,  // [d][NR], packed corpus panel
                               int64_t d, vf acc[ROWS][NV]) {
+  if (M != Metric::JS) return accumulate_block<ROWS>(qp, cp, d, acc);
 #pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
@@ -324,12 +305,8 @@ static inline void accumulate(const float* __restrict qp,  // [d][ROWS], packed 
       const float a = qp[t * ROWS + r];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        if (M == Metric::JS) {
-          const vf s = b[v] + a;
-          acc[r][v] += s * fast_log(s);
-        } else {
-          acc[r][v] += b[v] * a;
-        }
+        const vf s = b[v] + a;
+        acc[r][v] += s * fast_log(s);
       }
     }
   }
@@ -383,16 +360,6 @@ struct TopK {
   }
 };
 
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], AlignedFree>;
-
-static Buffer aligned_floats(size_t count) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 64, std::max<size_t>(count, 1) * sizeof(float)) != 0) throw std::bad_alloc();
-  return Buffer(static_cast<float*>(p));
-}
 
 // Per-row transform applied once while packing: cosine rows are normalised, kl corpus rows become
 // log c (with a large negative sentinel for c == 0, so that q > 0 against c == 0 gives +inf).

@@ -24,26 +24,11 @@ namespace cpu {
 namespace TLFAST_ISA {
 namespace {
 
-#if TLFAST_ISA_AVX512
-constexpr int W = 16;
-constexpr int MR = 12;  // 12 x 2 accumulators + the two panel vectors of 32 zmm registers
-#elif TLFAST_ISA_AVX2
-constexpr int W = 8;
-constexpr int MR = 6;   // 6 x 2 accumulators of 16 ymm registers
-#else
-constexpr int W = 4;
-constexpr int MR = 6;
-#endif
-constexpr int NV = 2;
-constexpr int NR = NV * W;
+#include "register_block.h"
+
 // beta of the padding columns past m: finite (so that 0 * it stays 0 in the cost sum) and far
 // below any real z, so exp(z - M) is exactly 0 there.
 constexpr float kPadBeta = -1e30f;
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-inline vf splat(float x) { return vf{} + x; }
 
 inline bool any_greater(vf a, float t) {
   const vi m = a > t;
@@ -91,17 +76,6 @@ inline vf fast_exp(vf x) {
   return tiny ? splat(0.0f) : out;
 }
 
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], AlignedFree>;
-
-Buffer aligned_floats(size_t count) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 64, std::max<size_t>(count, 1) * sizeof(float)) != 0) throw std::bad_alloc();
-  return Buffer(static_cast<float*>(p));
-}
-
 // Panel p of v: rows [p*NR, p*NR + NR) as [d][NR], zero past m; its beta and cost_col lanes.
 void pack_panel(const float* v, int64_t m, int64_t d, int64_t p, const float* beta, const float* cost_col,
                 float* dst, float* dbeta, float* dcost) {
@@ -120,24 +94,6 @@ void pack_rows(const float* u, int64_t n, int64_t d, int64_t r0, int64_t rows, f
     for (int r = 0; r < MR; ++r) {
       const int64_t row = r0 + i + r;
       for (int64_t t = 0; t < d; ++t) panel[t * MR + r] = row < n ? u[row * d + t] : 0.0f;
-    }
-  }
-}
-
-inline void accumulate(const float* __restrict up, const float* __restrict vp, int64_t d, vf acc[MR][NV]) {
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) acc[r][w] = splat(0.0f);
-  for (int64_t t = 0; t < d; ++t) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) b[w] = *(const vf*)(vp + t * NR + w * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const float a = up[t * MR + r];
-#pragma GCC unroll 4
-      for (int w = 0; w < NV; ++w) acc[r][w] += b[w] * a;
     }
   }
 }
@@ -198,7 +154,7 @@ void lse_impl(const float* u, int64_t n, const float* v, int64_t m, int64_t d, f
         }
         for (int64_t i = 0; i < rows_padded; i += MR) {
           vf acc[MR][NV];
-          accumulate(upacked.get() + i * d, vp, d, acc);
+          accumulate_block<MR>(upacked.get() + i * d, vp, d, acc);
           const int rmax_rows = (int)std::min<int64_t>(MR, rows - i);
           for (int r = 0; r < rmax_rows; ++r) {
             const int64_t row = i + r;

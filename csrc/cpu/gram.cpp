@@ -1,0 +1,19 @@
+// Runtime dispatch of the Gram product to the instruction set knn.cpp picked.
+#include "gram.h"
+
+#include <string>
+
+#include "knn.h"
+
+namespace tlfast {
+namespace cpu {
+
+void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g) {
+  static const std::string best = isa();
+  if (best == "avx512") return avx512::gram_upper_add(a, n, d, threads, g);
+  if (best == "avx2") return avx2::gram_upper_add(a, n, d, threads, g);
+  return generic::gram_upper_add(a, n, d, threads, g);
+}
+
+}  // namespace cpu
+}  // namespace tlfast

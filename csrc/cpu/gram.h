@@ -1,0 +1,26 @@
+// CPU entry point of the Gram product AᵀA (tlfast.transferability): the sufficient statistic of
+// every feature-based transferability score.  Input float32, row-major, contiguous.
+#pragma once
+#include <cstdint>
+
+namespace tlfast {
+namespace cpu {
+
+// g ((d, d), float64, row-major) += AᵀA for a (n, d), on and above the diagonal: every register
+// tile that holds an entry with column >= row is added (so a few entries just below the diagonal
+// are written too, with their true values); tiles wholly below it are left as they were.  The
+// products are summed in float32 over at most 256 rows (in registers), then in float64 in g.
+// About half of a full GEMM's flops (gram_kernel.h).
+void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g);
+
+#define TLFAST_DECLARE_GRAM_ISA(ns) \
+  namespace ns {                    \
+  void gram_upper_add(const float*, int64_t, int64_t, int, double*); \
+  }
+TLFAST_DECLARE_GRAM_ISA(avx512)
+TLFAST_DECLARE_GRAM_ISA(avx2)
+TLFAST_DECLARE_GRAM_ISA(generic)
+#undef TLFAST_DECLARE_GRAM_ISA
+
+}  // namespace cpu
+}  // namespace tlfast

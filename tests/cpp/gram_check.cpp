@@ -1,0 +1,74 @@
+// The Gram kernel (csrc/cpu/gram_kernel.h) in every register layout, built for the machine running
+// the tests: CHECK_LAYOUT=0 the generic 4 x 12 tiles, 1 AVX2's 4 x 24, 2 AVX-512's 8 x 48 (GCC
+// lowers its 16-float vectors to the narrower registers, so the tiling and packing logic runs on
+// any CPU).  Against a float64 product on odd shapes: every entry on or above the diagonal within
+// float32 rounding, and below it every entry untouched or, in a tile across the diagonal, added
+// its true value.  Exit status 0 when all hold.
+#include "cpu/fused_knn_std.h"
+#if CHECK_LAYOUT == 0
+#define TLFAST_ISA generic
+#define TLFAST_ISA_AVX512 0
+#define TLFAST_ISA_AVX2 0
+#elif CHECK_LAYOUT == 1
+#define TLFAST_ISA avx2
+#define TLFAST_ISA_AVX512 0
+#define TLFAST_ISA_AVX2 1
+#else
+#define TLFAST_ISA avx512
+#define TLFAST_ISA_AVX512 1
+#define TLFAST_ISA_AVX2 1
+#endif
+#include "cpu/gram_kernel.h"
+
+#include <cstdio>
+#include <random>
+
+std::string tlfast::cpu::isa() { return "check"; }
+
+int main() {
+  using tlfast::cpu::TLFAST_ISA::gram_upper_add;
+  const int64_t shapes[][2] = {{1, 1}, {2, 3}, {255, 4}, {256, 11}, {257, 12}, {300, 23}, {513, 24}, {129, 25},
+                               {700, 47}, {64, 48}, {1000, 49}, {130, 96}, {333, 97}, {520, 130}};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  int failures = 0;
+  // float32 sums over at most KC <= 256 rows, then float64: |error| <= 257 u sum |a_ti a_tj|.
+  const double tol = 257 * std::ldexp(1.0, -24);
+  for (auto& s : shapes) {
+    const int64_t n = s[0], d = s[1];
+    std::vector<float> a(n * d);
+    for (auto& x : a) x = normal(rng);
+    if (n > 3)
+      for (int64_t j = 0; j < d; ++j) a[2 * d + j] *= 1e3f;  // one dominant row
+    for (int threads : {1, 2, 3}) {
+      const double sentinel = -12345.0;
+      std::vector<double> g(d * d, sentinel);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = i; j < d; ++j) g[i * d + j] = 0.5;  // the kernel adds to what is there
+      gram_upper_add(a.data(), n, d, threads, g.data());
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) {
+          double ref = 0.0, mag = 0.0;
+          for (int64_t t = 0; t < n; ++t) {
+            ref += (double)a[t * d + i] * a[t * d + j];
+            mag += std::fabs((double)a[t * d + i] * a[t * d + j]);
+          }
+          const double got = g[i * d + j];
+          if (j >= i) {
+            if (std::fabs(got - 0.5 - ref) > tol * mag + 1e-12) {
+              std::printf("n=%ld d=%ld threads=%d: g[%ld][%ld] = %.9g, expected %.9g\n", (long)n, (long)d, threads,
+                          (long)i, (long)j, got - 0.5, ref);
+              ++failures;
+            }
+          } else if (got != sentinel && std::fabs(got - sentinel - ref) > tol * mag + 1e-9) {
+            // Below the diagonal only the tiles across it may add, and then the true value.
+            std::printf("n=%ld d=%ld: below-diagonal g[%ld][%ld] = %.9g is neither untouched nor += %.9g\n",
+                        (long)n, (long)d, (long)i, (long)j, got, ref);
+            ++failures;
+          }
+        }
+    }
+  }
+  std::printf("%s\n", failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
