@@ -283,6 +283,7 @@ def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
         return d / 2 * t - 0.5 * torch.log(s + torch.exp(t)[:, None]).sum(1) - n / 2 * torch.log(e)
 
     t = torch.log(lam)
+    base = profile(t)  # ℓ at the current t, carried from the accepted step of the line search
     for _ in range(max(0, max_iter - _LOGME_WARMUP)):
         lam = torch.exp(t)
         il = 1.0 / (s + lam[:, None])
@@ -296,13 +297,16 @@ def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
         h_t = g_t + lam * lam * h_lam
         step = torch.where(h_t < 0, -g_t / torch.where(h_t < 0, h_t, -1.0), torch.sign(g_t))
         step = step.clamp(-2.0, 2.0)
-        base = profile(t)
         for _ in range(30):  # halve where the step would lower ℓ
-            worse = profile(t + step) < base
+            trial = profile(t + step)
+            worse = trial < base
             if not bool(worse.any()):
                 break
             step = torch.where(worse, step / 2, step)
+        else:
+            trial = profile(t + step)
         t = t + step
+        base = trial
         # Converged where λ moved by < tol relatively, or where ℓ / n has < tol left to gain by the
         # Newton decrement g² / 2|h| (|g| where ℓ is not concave: a column without signal has its
         # supremum at λ -> ∞, w = 0).  The second test is what stops a column whose gradient is
