@@ -82,7 +82,7 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # FᵀF on CPU for float32 rows: tlfast's own kernel (csrc/cpu/gram_kernel.h), the upper register
-# tiles only, float32 sums over 256-row slices then float64 - about half the flops of torch's full
+# tiles only, float32 sums over 512-row slices then float64 - about half the flops of torch's full
 # product at its rate (docs/design/training.md).  Elsewhere (float64, GPU, no native module) the
 # upper block triangle as torch GEMMs: for d = 1024, 10 of 16 blocks, each a full-rate GEMM (256
 # measured faster than 128 on the 2-core EPYC: narrower blocks' GEMMs lose more rate than they save).

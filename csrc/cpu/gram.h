@@ -9,7 +9,7 @@ namespace cpu {
 // g ((d, d), float64, row-major) += AᵀA for a (n, d), on and above the diagonal: every register
 // tile that holds an entry with column >= row is added (so a few entries just below the diagonal
 // are written too, with their true values); tiles wholly below it are left as they were.  The
-// products are summed in float32 over at most 256 rows (in registers), then in float64 in g.
+// products are summed in float32 over at most 512 rows (in registers), then in float64 in g.
 // About half of a full GEMM's flops (gram_kernel.h).
 void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g);
 
