@@ -76,24 +76,17 @@ def cpu_name_and_flags() -> tuple[str, list[str]]:
     return name, flags
 
 
-def tlfast_stages(f: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+def tlfast_stages(f, y, repeats: int = 3) -> dict[str, float]:
     """Where tlfast's time goes: the one pass of moments (FᵀF and the class sums), the eigenpairs, and the
     maximisation over λ (the evidence step minus its eigenpairs); medians of ``repeats`` runs each."""
     import tlfast.transferability as T
-
-    def med(fn):
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
+    from tlfast.bench.timing import measure
 
     codes, classes = T._labels(y, f.shape[0], f.device)
     mom = T._moments(f, codes, classes)
-    moments = med(lambda: T._moments(f, codes, classes))
-    eig = med(lambda: T._eig_projections(mom.gram, mom.cross))
-    evidence = med(lambda: T._logme_evidence(mom, 1000, 1e-12))
+    moments = measure(lambda: T._moments(f, codes, classes), repeats=repeats, warmup=0).median
+    eig = measure(lambda: T._eig_projections(mom.gram, mom.cross), repeats=repeats, warmup=0).median
+    evidence = measure(lambda: T._logme_evidence(mom, 1000, 1e-12), repeats=repeats, warmup=0).median
     return {"moments (FᵀF, class sums)": moments, "eigenpairs": eig, "λ maximisation": max(evidence - eig, 0.0)}
 
 

@@ -285,31 +285,23 @@ static inline void accumulate_amx(const uint32_t* __restrict qp, const uint32_t*
 }
 #endif
 
-// Inner loop over d for one MR x NR register block: the shared microkernel (register_block.h), or
-// for js the same loop with s log s of the sums in place of the products.
+// js: the register block's sum of s log s, s = q_t + c_t, in place of the products.
+struct SumLogSum {
+  vf operator()(vf b, float a) const {
+    const vf s = b + a;
+    return s * fast_log(s);
+  }
+};
+
+// Inner loop over d for one MR x NR register block (register_block.h).
 template <Metric M, int ROWS>
 static inline void accumulate(const float* __restrict qp,  // [d][ROWS], packed query micro-panel
                               const float* __restrict cp,  // [d][NR], packed corpus panel
                               int64_t d, vf acc[ROWS][NV]) {
-  if (M != Metric::JS) return accumulate_block<ROWS>(qp, cp, d, acc);
-#pragma GCC unroll 16
-  for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.0f);
-  for (int64_t t = 0; t < d; ++t) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = *(const vf*)(cp + t * NR + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r) {
-      const float a = qp[t * ROWS + r];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        const vf s = b[v] + a;
-        acc[r][v] += s * fast_log(s);
-      }
-    }
-  }
+  if (M == Metric::JS)
+    accumulate_block<ROWS, NV, ROWS>(qp, cp, d, acc, SumLogSum{});
+  else
+    accumulate_block<ROWS>(qp, cp, d, acc);
 }
 
 // Bounded heap of the k best (key, index) pairs; the root is the worst kept.

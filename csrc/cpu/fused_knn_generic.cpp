@@ -1,7 +1,5 @@
-// The fused kernels of fused_knn.h compiled for generic.  The instruction set is switched on here,
-// after the standard headers, so that no library code is compiled for it (see fused_knn_std.h).
-#include "fused_knn_std.h"
-#define TLFAST_ISA generic
-#define TLFAST_ISA_AVX512 0
-#define TLFAST_ISA_AVX2 0
+// The fused kNN kernels of fused_knn.h compiled for generic (isa_begin.h switches the ISA on).
+#define TLFAST_BUILD_GENERIC
+#include "isa_begin.h"
 #include "fused_knn.h"
+#pragma GCC pop_options

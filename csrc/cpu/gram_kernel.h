@@ -19,10 +19,6 @@
 #include "fused_knn_std.h"
 #include "gram.h"
 
-#if !defined(TLFAST_ISA) || !defined(TLFAST_ISA_AVX512) || !defined(TLFAST_ISA_AVX2)
-#error "define TLFAST_ISA (avx512 | avx2 | generic), TLFAST_ISA_AVX512 and TLFAST_ISA_AVX2 (0/1) first"
-#endif
-
 namespace tlfast {
 namespace cpu {
 namespace TLFAST_ISA {

@@ -6,6 +6,10 @@
 // ISA includes after switching the ISA on (see fused_knn_std.h): the definitions are per ISA, so
 // there is no include guard (tests/cpp/gram_check.cpp includes it once per layout it checks).
 
+#if !defined(TLFAST_ISA) || !defined(TLFAST_ISA_AVX512) || !defined(TLFAST_ISA_AVX2)
+#error "define TLFAST_ISA (avx512 | avx2 | generic), TLFAST_ISA_AVX512 and TLFAST_ISA_AVX2 (0/1) first (isa_begin.h)"
+#endif
+
 #ifndef TLFAST_ISA_AMX
 #define TLFAST_ISA_AMX 0
 #endif
@@ -45,12 +49,18 @@ static inline Buffer aligned_floats(size_t count) {
   return Buffer(static_cast<float*>(p));
 }
 
-// acc = the ROWS x (VECS * W) products, over `depth`, of a row panel up (row r of step t at
-// up[t * LDA + r]) and a column panel vp [depth][VECS * W].  LDA = ROWS for a packed row
-// micro-panel; the Gram product reads its rows out of a column panel instead (LDA = VECS * W).
-template <int ROWS, int VECS = NV, int LDA = ROWS>
+// The term of a plain dot product; fused_knn.h passes s log s of the sum for js.
+struct Product {
+  vf operator()(vf b, float a) const { return b * a; }
+};
+
+// acc = the ROWS x (VECS * W) sums over `depth` of term(b, a) (the products, by default) of a row
+// panel up (row r of step t at up[t * LDA + r]) and a column panel vp [depth][VECS * W].  LDA =
+// ROWS for a packed row micro-panel; the Gram product reads its rows out of a column panel
+// instead (LDA = VECS * W).
+template <int ROWS, int VECS = NV, int LDA = ROWS, typename Term = Product>
 static inline void accumulate_block(const float* __restrict up, const float* __restrict vp, int64_t depth,
-                                    vf acc[ROWS][VECS]) {
+                                    vf acc[ROWS][VECS], Term term = Term{}) {
 #pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
@@ -63,7 +73,7 @@ static inline void accumulate_block(const float* __restrict up, const float* __r
     for (int r = 0; r < ROWS; ++r) {
       const float a = up[t * LDA + r];
 #pragma GCC unroll 4
-      for (int w = 0; w < VECS; ++w) acc[r][w] += b[w] * a;
+      for (int w = 0; w < VECS; ++w) acc[r][w] += term(b[w], a);
     }
   }
 }
