@@ -4,7 +4,7 @@ fixed-point loop per class whose steps multiply the whole feature matrix by a ve
 
 Standard case: n = 100,000 features of d = 1,024, 100 classes, float32 (the numpy form converts to
 float64, as tllib does).  Both contenders run in one process, in interleaved rounds after one
-warm-up each, with the same idle pause (--settle) before every timed call; the median of the rounds is reported with p95, the peak extra resident memory of each
+warm-up each; the median of the rounds is reported with p95, the peak extra resident memory of each
 call (VmHWM reset before it), the machine's torch.mm rate (the roofline of the FᵀF product,
 2·n·d² flops) and the load average before and after.
 
@@ -118,10 +118,6 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="transferability-cpu", help="result file stem")
-    p.add_argument("--settle", type=float, default=3.0,
-                   help="idle seconds before every timed call (default 3), the same for both contenders: "
-                        "without it tlfast's ~1 s call always starts right after numpy's ~10 s of full load, "
-                        "which on a shared host has lowered the clock (and left BLAS workers spinning)")
     args = p.parse_args(argv)
 
     import torch
@@ -141,7 +137,6 @@ def main(argv=None) -> int:
         scores[name] = fn()
     for _ in range(args.rounds):
         for name, fn in contenders.items():
-            time.sleep(args.settle)
             reset_peak_rss()
             base = rss_bytes()
             t = time.perf_counter()
@@ -157,7 +152,6 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "numpy": np.__version__, "tlfast": tlfast.__version__,
             "commit": git_commit(), "loadavg_before": load_before, "loadavg_after": load_after,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mm_gflops": mm_rate(n, d),
-            "settle_s": args.settle,
             "tlfast_path": ("FᵀF: tlfast's Gram kernel (upper register tiles, csrc/cpu/gram_kernel.h)"
                             if tlfast.transferability._native_gram(torch.zeros(1))
                             else "FᵀF: torch GEMMs on the upper block triangle") + "; eigenpairs: " + (
@@ -179,8 +173,7 @@ def main(argv=None) -> int:
           f"* load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
           f"{tuple(round(x, 2) for x in load_after)} (a shared machine)",
           f"* torch.mm float32 rate for FᵀF chunks: {meta['mm_gflops']:.1f} GFLOP/s; features {f.nbytes / 2**20:.0f} MiB",
-          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds after a warm-up, "
-          f"{args.settle:g} s idle before every timed call",
+          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds after a warm-up",
           f"* tlfast path: {meta['tlfast_path']}",
           "* tlfast by stage (median of 3, after the rounds): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages.items()),
           "",
