@@ -258,9 +258,14 @@ _LOGME_WARMUP = 3  # MacKay fixed-point steps before Newton
 
 def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
     """Per-column maximised log evidence / n, from the sufficient statistics."""
+    s, z = _eig_projections(mom.gram, mom.cross)          # z (C, d): VᵀFᵀy per column
+    return _maximise_evidence(mom, s, z, max_iter, tol)
+
+
+def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """The maximisation over λ = α/β of every column, given the eigenvalues s of FᵀF and z = VᵀFᵀy."""
     n = mom.n
     d = mom.gram.shape[0]
-    s, z = _eig_projections(mom.gram, mom.cross)          # z (C, d): VᵀFᵀy per column
     s = s.clamp(min=0)
     # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
     z = torch.where(s > s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
