@@ -342,7 +342,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
         "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
   m.def("gram_upper_add_cpu", &gram_upper_add_cpu, py::arg("a"), py::arg("g"), py::arg("threads"),
-        "g += the upper triangle of a.T @ a (float32 products over 256-row slices, float64 sums).");
+        "g += the upper triangle of a.T @ a (float32 sums over slices of at most 512 rows, then float64).");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

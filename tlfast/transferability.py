@@ -93,6 +93,7 @@ _GRAM_BLOCK = 256
 def _native_gram(c: torch.Tensor) -> bool:
     return _C is not None and c.device.type == "cpu" and c.dtype == torch.float32
 
+
 try:  # the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
     from scipy.linalg.lapack import dormqr as _dormqr, dstevd as _dstevd, dsytrd as _dsytrd
 except ImportError:  # pragma: no cover - scipy comes with the train / test extras
