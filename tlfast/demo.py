@@ -305,7 +305,6 @@ def _rank_backbones(src_img: np.ndarray, src_y: np.ndarray, pooled: np.ndarray, 
     candidates["raw pixels"] = src_img[rows].reshape(len(rows), -1).astype(np.float32)
     log(f"ranking {len(candidates)} candidate source features by LogME on {len(rows)} source digits ...")
     table = tlfast.rank_sources(candidates, images, labels, metric="logme", standardize=True)
-    as_given = {r.name: r.score for r in tlfast.rank_sources(candidates, images, labels, metric="logme")}
 
     def all_features(name: str, cand: Any) -> tuple[np.ndarray, np.ndarray]:
         """(all source digits, all target digits unshifted) as the candidate's features."""
@@ -320,7 +319,10 @@ def _rank_backbones(src_img: np.ndarray, src_y: np.ndarray, pooled: np.ndarray, 
     for r in table:
         train, test = all_features(r.name, candidates[r.name])
         acc = float(tlfast.LinearProbe().fit(train, src_y).score(test, tgt_y))
-        out.append({"name": r.name, "logme": r.score, "logme_as_given": as_given[r.name], "dims": r.dims,
+        # LogME of the sample's features as given: the sample's rows of the all-source extraction
+        # (the same extractor on the same images), not a second extraction through rank_sources.
+        as_given = tlfast.transferability.logme(train[rows], labels)
+        out.append({"name": r.name, "logme": r.score, "logme_as_given": as_given, "dims": r.dims,
                     "seconds": round(r.seconds, 3), "probe_accuracy": acc,
                     # binomial standard error of the accuracy on len(tgt_y) held-out digits
                     "probe_accuracy_se": float(np.sqrt(acc * (1 - acc) / len(tgt_y)))})
