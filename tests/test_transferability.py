@@ -44,7 +44,7 @@ def test_log_evidence_formula_equals_the_gaussian_marginal():
                                                             rel=1e-12)
 
 
-@pytest.mark.parametrize("n,d,classes,informative", [(83, 7, 4, 1.0), (40, 61, 3, 0.5), (200, 12, 2, 3.0)])
+@pytest.mark.parametrize("n,d,classes,informative", [(83, 7, 4, 1.0), (40, 61, 3, 0.5), (200, 12, 2, 3.0), (300, 40, 3, 0.0)])
 def test_logme_equals_the_numerically_maximised_evidence(n, d, classes, informative):
     f, y = _problem(n, d, classes, informative=informative)
     expected = np.mean([_max_evidence(f, (y == c).astype(np.float64)) for c in range(classes)]) / n

@@ -279,7 +279,12 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
     # β = n / E(λ), E(λ) = ‖y‖² - Σ z²/(s + λ) = ‖y - Fm‖² + λ‖m‖²:
     #     ℓ(λ) = d/2 log λ - ½ Σ log(λ + s) - n/2 log E(λ)
     # whose stationary points are MacKay's fixed points.  Steps are capped at |Δt| <= 2 and halved
-    # (per column) until ℓ does not decrease, so every step is an ascent step.
+    # (per column) until ℓ does not decrease, so every step is an ascent step.  Where ℓ only approaches
+    # its supremum (a column without signal: ℓ ≈ c - A e^(-t) as λ -> ∞) Newton's step is 1 and the
+    # gain falls by e per step, so a column whose full step was taken, in the same direction, with a
+    # Newton step of at least 1/2, doubles its step (up to 64x) - about 5 steps instead of 20 there.
+    # Converged columns stand still, so that rounding in ℓ (~1e-11 of its n-sized terms) never makes
+    # the line search halve the others' steps.
     lam = torch.ones_like(yy)
     for _ in range(min(_LOGME_WARMUP, max_iter)):
         sl = s + lam[:, None]
@@ -296,6 +301,8 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
 
     t = torch.log(lam)
     base = profile(t)  # ℓ at the current t, carried from the accepted step of the line search
+    boost = torch.ones_like(t)
+    last = torch.zeros_like(t)  # the step each column took last
     for _ in range(max(0, max_iter - _LOGME_WARMUP)):
         lam = torch.exp(t)
         il = 1.0 / (s + lam[:, None])
@@ -307,8 +314,17 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
         h_lam = -d / (2 * lam * lam) + 0.5 * il2.sum(1) + n / 2 * (2 * b3 / e + (b2 / e) ** 2)
         g_t = lam * g_lam
         h_t = g_t + lam * lam * h_lam
-        step = torch.where(h_t < 0, -g_t / torch.where(h_t < 0, h_t, -1.0), torch.sign(g_t))
-        step = step.clamp(-2.0, 2.0)
+        newton = torch.where(h_t < 0, -g_t / torch.where(h_t < 0, h_t, -1.0), torch.sign(g_t))
+        # Converged where the Newton step is < tol, or where ℓ / n has < tol left to gain by the
+        # Newton decrement g² / 2|h| (|g| where ℓ is not concave: a column without signal has its
+        # supremum at λ -> ∞, w = 0).  The second test is what stops a column whose gradient is
+        # float64 rounding (~1e-11 of its n-sized terms) before λ settles to 1e-12.
+        gain = torch.where(h_t < 0, 0.5 * g_t * g_t / h_t.abs().clamp(min=tiny), g_t.abs())
+        done = (newton.abs() <= tol) | (gain <= tol * n)
+        if bool(done.all()):
+            break
+        proposed = torch.where(done, 0.0, (newton * boost).clamp(-2.0 * boost, 2.0 * boost))
+        step = proposed
         for _ in range(30):  # halve where the step would lower ℓ
             trial = profile(t + step)
             worse = trial < base
@@ -316,16 +332,13 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
                 break
             step = torch.where(worse, step / 2, step)
         else:
-            trial = profile(t + step)
+            step = torch.where(worse, 0.0, step)  # no ascent found at 2^-30 of the step: stay
+            trial = torch.where(worse, base, trial)
+        grow = (step == proposed) & (newton.abs() >= 0.5) & (step * last > 0)
+        boost = torch.where(grow, (boost * 2).clamp(max=64.0), torch.ones_like(boost))
+        last = step
         t = t + step
         base = trial
-        # Converged where λ moved by < tol relatively, or where ℓ / n has < tol left to gain by the
-        # Newton decrement g² / 2|h| (|g| where ℓ is not concave: a column without signal has its
-        # supremum at λ -> ∞, w = 0).  The second test is what stops a column whose gradient is
-        # float64 rounding (~1e-11 of its n-sized terms) before λ settles to 1e-12.
-        gain = torch.where(h_t < 0, 0.5 * g_t * g_t / h_t.abs().clamp(min=tiny), g_t.abs())
-        if bool(((step.abs() <= tol) | (gain <= tol * n)).all()):
-            break
     lam = torch.exp(t)
     sl = s + lam[:, None]
     beta = n / (yy - (z2 / sl).sum(1)).clamp(min=tiny)
