@@ -157,19 +157,29 @@ py::tuple sinkhorn_lse_cpu(const py::array& u, const py::array& v, float scale, 
   return py::make_tuple(lse, cost);
 }
 
-// g += the upper triangle of aᵀa (csrc/cpu/gram.h): a (n, d) float32, g (d, d) float64, both
-// C-contiguous; g is updated in place.
-void gram_upper_add_cpu(const py::array& a, py::array& g, int threads) {
+// g += the upper triangle of (a - shift)ᵀ(a - shift) (csrc/cpu/gram.h): a (n, d) float32, g (d, d)
+// float64, shift None or (d,) float32, all C-contiguous; g is updated in place.
+void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py::object& shift) {
   check_matrix(a, "a");
   if (threads < 1) throw py::value_error("threads must be >= 1");
   const int64_t n = a.shape(0), d = a.shape(1);
   if (!g.dtype().is(py::dtype::of<double>())) throw py::type_error("g must be a float64 array");
   if (g.ndim() != 2 || g.shape(0) != d || g.shape(1) != d) throw py::value_error("g must have shape (dim, dim)");
   if (!(g.flags() & py::array::c_style) || !g.writeable()) throw py::value_error("g must be C-contiguous and writeable");
+  const float* sp = nullptr;
+  py::array s;
+  if (!shift.is_none()) {
+    if (!py::isinstance<py::array>(shift)) throw py::type_error("shift must be None or a float32 array");
+    s = shift.cast<py::array>();
+    if (!s.dtype().is(py::dtype::of<float>())) throw py::type_error("shift must be a float32 array");
+    if (s.ndim() != 1 || s.shape(0) != d) throw py::value_error("shift must have shape (dim,)");
+    if (!(s.flags() & py::array::c_style)) throw py::value_error("shift must be C-contiguous");
+    sp = static_cast<const float*>(s.data());
+  }
   const float* ap = static_cast<const float*>(a.data());
   double* gp = static_cast<double*>(g.mutable_data());
   py::gil_scoped_release release;
-  tlfast::cpu::gram_upper_add(ap, n, d, threads, gp);
+  tlfast::cpu::gram_upper_add(ap, n, d, threads, gp, sp);
 }
 
 py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
@@ -342,7 +352,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
         "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
   m.def("gram_upper_add_cpu", &gram_upper_add_cpu, py::arg("a"), py::arg("g"), py::arg("threads"),
-        "g += the upper triangle of a.T @ a (float32 sums over slices of at most 512 rows, then float64).");
+        py::arg("shift") = py::none(),
+        "g += the upper triangle of (a - shift).T @ (a - shift) (float32 sums over slices of at most 512 "
+        "rows, then float64; shift None for a itself).");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

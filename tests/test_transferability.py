@@ -259,6 +259,39 @@ def test_native_gram_equals_the_float64_product(n, d):
 
 
 @_native
+@pytest.mark.parametrize("n,d", [(300, 23), (1100, 97), (2600, 50)])
+def test_native_gram_subtracts_the_shift(n, d):
+    """With a shift row s the kernel adds (a - s)ᵀ(a - s), s subtracted in float32 as the rows are
+    packed (what ``c - a`` gives the torch path): here a large mean, as post-ReLU features have."""
+    rng = np.random.default_rng(n)
+    a = (rng.standard_normal((n, d)) + 40.0).astype(np.float32)
+    shift = a[:100].mean(0).astype(np.float32)
+    b = (a - shift).astype(np.float64)
+    ref = b.T @ b
+    mag = np.abs(b).T @ np.abs(b)
+    g = np.zeros((d, d))
+    tr._C.gram_upper_add_cpu(a, g, 2, shift)
+    upper = np.triu_indices(d)
+    np.testing.assert_array_less(np.abs(g[upper] - ref[upper]), (513 * 2.0 ** -24 * mag + 1e-12)[upper])
+    plain = np.zeros((d, d))
+    tr._C.gram_upper_add_cpu(a, plain, 2, None)
+    assert np.abs(plain[upper] - g[upper]).max() > 1e3  # the shift did something
+
+
+@_native
+def test_native_whole_gram_equals_the_chunked_torch_path(monkeypatch):
+    """logme and the centred scores take one kernel call over all the rows (with the shift for the
+    centred ones); the torch path, chunk by chunk, gives the same scores."""
+    f, y = _problem(3000, 45, 5)
+    f32 = (f + 5.0).astype(np.float32)
+    monkeypatch.setattr(tr, "_CHUNK", 700)
+    native = (tr.logme(f32, y), tr.hscore(f32, y), tr.hscore(f32, y, shrinkage=True))
+    monkeypatch.setattr(tr, "_native_gram", lambda c: False)
+    torch_path = (tr.logme(f32, y), tr.hscore(f32, y), tr.hscore(f32, y, shrinkage=True))
+    np.testing.assert_allclose(native, torch_path, rtol=1e-6)
+
+
+@_native
 def test_native_gram_rejects_bad_arguments():
     a = np.ones((4, 3), np.float32)
     with pytest.raises(TypeError, match="a must be a float32"):
@@ -275,6 +308,14 @@ def test_native_gram_rejects_bad_arguments():
         tr._C.gram_upper_add_cpu(a, frozen, 1)
     with pytest.raises(ValueError, match="threads"):
         tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 0)
+    with pytest.raises(TypeError, match="shift must be a float32"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, np.zeros(3))
+    with pytest.raises(TypeError, match="shift must be None or a float32 array"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="shift must have shape"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="shift must be C-contiguous"):
+        tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, np.zeros(6, np.float32)[::2])
 
 
 @_native

@@ -127,6 +127,11 @@ def _upper_gram(c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return out
 
 
+def _bad_rows(name: str, first_row: int, c: torch.Tensor) -> ValueError:
+    return ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "
+                      f"too large to square in {c.dtype}); clean or drop them")
+
+
 def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str,
               scratch: torch.Tensor | None = None) -> torch.Tensor | None:
     """gram += the upper triangle of cᵀc (float64); NaN / inf rows show on its diagonal.
@@ -138,11 +143,32 @@ def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str,
     else:
         scratch = _upper_gram(c, scratch if scratch is not None and scratch.dtype == c.dtype else None)
         gram += scratch  # one float64 pass: in-place add promotes the float32 operand
-    diag = torch.diagonal(gram)
-    if not bool(torch.isfinite(diag).all()):
-        raise ValueError(f"{name} contains NaN or inf (in rows {first_row}..{first_row + c.shape[0] - 1}, or values "
-                         f"too large to square in {c.dtype}); clean or drop them")
+    if not bool(torch.isfinite(torch.diagonal(gram)).all()):
+        raise _bad_rows(name, first_row, c)
     return scratch
+
+
+def _whole_gram(f: torch.Tensor, a: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """The upper triangle of (f - a)ᵀ(f - a) in float64 by one call of the native kernel over all the
+    rows, for contiguous float32 rows on CPU (None otherwise: the caller adds chunk by chunk).  One
+    call, so the kernel keeps its float64 sums in its cache-friendly strips for the whole pass
+    (gram_kernel.h); the shift is subtracted in float32 as the rows are packed, as ``c - a`` would."""
+    if not (_native_gram(f) and f.is_contiguous()) or f.requires_grad:
+        return None
+    d = f.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    _C.gram_upper_add_cpu(f.numpy(), gram.numpy(), torch.get_num_threads(),
+                          None if a is None else a.contiguous().numpy())
+    if not bool(torch.isfinite(torch.diagonal(gram)).all()):
+        # Name the first chunk that does it, as the chunked path would.
+        for i, c in _chunks(f):
+            part = torch.zeros(d, d, dtype=torch.float64)
+            _C.gram_upper_add_cpu(c.numpy(), part.numpy(), torch.get_num_threads(),
+                                  None if a is None else a.contiguous().numpy())
+            if not bool(torch.isfinite(torch.diagonal(part)).all()):
+                raise _bad_rows(name, i, c)
+        raise _bad_rows(name, 0, f)  # pragma: no cover - some chunk overflows when the whole does
+    return gram
 
 
 def _symmetrise(gram: torch.Tensor) -> torch.Tensor:
@@ -181,11 +207,15 @@ def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, target
     total = torch.zeros(d, dtype=f64, device=dev)
     norm4 = torch.zeros((), dtype=f64, device=dev)
     norm2_f = torch.zeros(d, dtype=f64, device=dev)
+    whole = _whole_gram(f, a if shift else None, name)
+    if whole is not None:
+        gram = whole
     scratch = None
     for i, c in _chunks(f):
         if shift:
             c = c - a
-        scratch = _add_gram(gram, c, i, name, scratch)
+        if whole is None:
+            scratch = _add_gram(gram, c, i, name, scratch)
         rows = c.shape[0]
         if targets is None:
             # Class sums of this chunk in the working dtype (at most _CHUNK rows each), then float64.

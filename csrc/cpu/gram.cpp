@@ -8,11 +8,11 @@
 namespace tlfast {
 namespace cpu {
 
-void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g) {
+void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift) {
   static const std::string best = isa();
-  if (best == "avx512") return avx512::gram_upper_add(a, n, d, threads, g);
-  if (best == "avx2") return avx2::gram_upper_add(a, n, d, threads, g);
-  return generic::gram_upper_add(a, n, d, threads, g);
+  if (best == "avx512") return avx512::gram_upper_add(a, n, d, threads, g, shift);
+  if (best == "avx2") return avx2::gram_upper_add(a, n, d, threads, g, shift);
+  return generic::gram_upper_add(a, n, d, threads, g, shift);
 }
 
 }  // namespace cpu

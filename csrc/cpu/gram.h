@@ -6,16 +6,17 @@
 namespace tlfast {
 namespace cpu {
 
-// g ((d, d), float64, row-major) += AᵀA for a (n, d), on and above the diagonal: every register
-// tile that holds an entry with column >= row is added (so a few entries just below the diagonal
-// are written too, with their true values); tiles wholly below it are left as they were.  The
-// products are summed in float32 over at most 512 rows (in registers), then in float64 in g.
-// About half of a full GEMM's flops (gram_kernel.h).
-void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g);
+// g ((d, d), float64, row-major) += BᵀB for B = a - 1 shiftᵀ (a (n, d); shift (d) or nullptr for
+// none), on and above the diagonal: every register tile that holds an entry with column >= row is
+// added (so a few entries just below the diagonal are written too, with their true values); tiles
+// wholly below it are left as they were.  The products are summed in float32 over at most 512 rows
+// (in registers), then in float64, and g is written once, at the end.  About half of a full GEMM's
+// flops (gram_kernel.h); scratch of about d²/2 doubles besides the packed slice.
+void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift = nullptr);
 
 #define TLFAST_DECLARE_GRAM_ISA(ns) \
   namespace ns {                    \
-  void gram_upper_add(const float*, int64_t, int64_t, int, double*); \
+  void gram_upper_add(const float*, int64_t, int64_t, int, double*, const float*); \
   }
 TLFAST_DECLARE_GRAM_ISA(avx512)
 TLFAST_DECLARE_GRAM_ISA(avx2)

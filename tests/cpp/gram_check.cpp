@@ -3,7 +3,8 @@
 // lowers its 16-float vectors to the narrower registers, so the tiling and packing logic runs on
 // any CPU).  Against a float64 product on odd shapes: every entry on or above the diagonal within
 // float32 rounding, and below it every entry untouched or, in a tile across the diagonal, added
-// its true value.  Exit status 0 when all hold.
+// its true value; with and without a shift row subtracted as the rows are packed.  Exit status 0
+// when all hold.
 #include "cpu/fused_knn_std.h"
 #if CHECK_LAYOUT == 0
 #define TLFAST_ISA generic
@@ -28,7 +29,7 @@ std::string tlfast::cpu::isa() { return "check"; }
 int main() {
   using tlfast::cpu::TLFAST_ISA::gram_upper_add;
   const int64_t shapes[][2] = {{1, 1}, {2, 3}, {255, 4}, {256, 11}, {257, 12}, {300, 23}, {511, 24}, {512, 25}, {513, 13}, {129, 26},
-                               {1025, 5},
+                               {1025, 5}, {1600, 30}, {1100, 97},
                                {700, 47}, {64, 48}, {1000, 49}, {130, 96}, {333, 97}, {520, 130}};
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
@@ -41,23 +42,31 @@ int main() {
     for (auto& x : a) x = normal(rng);
     if (n > 3)
       for (int64_t j = 0; j < d; ++j) a[2 * d + j] *= 1e3f;  // one dominant row
-    for (int threads : {1, 2, 3}) {
+    // The shift is subtracted in float32 as the rows are packed: the reference subtracts it the same way.
+    std::vector<float> shift(d), b(n * d);
+    for (auto& x : shift) x = normal(rng) + 3.0f;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < d; ++j) b[t * d + j] = a[t * d + j] - shift[j];
+    for (int run = 0; run < 6; ++run) {
+      const int threads = 1 + run % 3;
+      const bool shifted = run >= 3;
+      const std::vector<float>& ref_rows = shifted ? b : a;
       const double sentinel = -12345.0;
       std::vector<double> g(d * d, sentinel);
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = i; j < d; ++j) g[i * d + j] = 0.5;  // the kernel adds to what is there
-      gram_upper_add(a.data(), n, d, threads, g.data());
+      gram_upper_add(a.data(), n, d, threads, g.data(), shifted ? shift.data() : nullptr);
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = 0; j < d; ++j) {
           double ref = 0.0, mag = 0.0;
           for (int64_t t = 0; t < n; ++t) {
-            ref += (double)a[t * d + i] * a[t * d + j];
-            mag += std::fabs((double)a[t * d + i] * a[t * d + j]);
+            ref += (double)ref_rows[t * d + i] * ref_rows[t * d + j];
+            mag += std::fabs((double)ref_rows[t * d + i] * ref_rows[t * d + j]);
           }
           const double got = g[i * d + j];
           if (j >= i) {
             if (std::fabs(got - 0.5 - ref) > tol * mag + 1e-12) {
-              std::printf("n=%ld d=%ld threads=%d: g[%ld][%ld] = %.9g, expected %.9g\n", (long)n, (long)d, threads,
+              std::printf("n=%ld d=%ld threads=%d shifted=%d: g[%ld][%ld] = %.9g, expected %.9g\n", (long)n, (long)d, threads, (int)shifted,
                           (long)i, (long)j, got - 0.5, ref);
               ++failures;
             }
