@@ -3,10 +3,11 @@ thuml's Transfer-Learning-Library form (tests/transferability_numpy.py: one SVD 
 fixed-point loop per class whose steps multiply the whole feature matrix by a vector).
 
 Standard case: n = 100,000 features of d = 1,024, 100 classes, float32 (the numpy form converts to
-float64, as tllib does).  Both contenders run in one process, in interleaved rounds after one
-warm-up each; the median of the rounds is reported with p95, the peak extra resident memory of each
-call (VmHWM reset before it), the machine's torch.mm rate (the roofline of the FᵀF product,
-2·n·d² flops) and the load average before and after.
+float64, as tllib does).  Both contenders run in one process, in interleaved rounds (ABBA order:
+each follows the other as often as itself) after one warm-up each; the median of the rounds is
+reported with p95, the peak extra resident memory of each call (VmHWM reset before it), the
+machine's torch.mm rate (the roofline of the FᵀF product, 2·n·d² flops) and the load average
+before and after.
 
     python benchmarks/bench_transferability.py                 # -> results/transferability-cpu.{json,md}
     python benchmarks/bench_transferability.py --quick --out /tmp/bt
@@ -116,7 +117,7 @@ def git_commit() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds, in ABBA order (default 8)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="transferability-cpu", help="result file stem")
     args = p.parse_args(argv)
@@ -136,8 +137,13 @@ def main(argv=None) -> int:
     scores: dict[str, float] = {}
     for name, fn in contenders.items():  # warm-up
         scores[name] = fn()
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
+    # Rounds in ABBA order (tlfast, numpy, numpy, tlfast, ...), so that each contender follows the
+    # other as often as itself: the host lowers its clock under sustained load, and in a fixed order
+    # tlfast would always start right after the numpy form's ~10 s of full load.
+    order = list(contenders)
+    for r in range(args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            fn = contenders[name]
             reset_peak_rss()
             base = rss_bytes()
             t = time.perf_counter()
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
         med = float(np.median(times[name]))
         rows.append({"op": "logme", "case": f"logme-{n}x{d}-{classes}c", "n": n, "d": d, "classes": classes,
                      "dtype": "float32", "backend": name, "median_s": med,
-                     "p95_s": float(np.percentile(times[name], 95)), "runs": len(times[name]),
+                     "p95_s": float(np.percentile(times[name], 95)), "runs": len(times[name]), "times_s": times[name],
                      "gflops_ftf": gemm / med / 1e9, "peak_extra_bytes": peaks[name], "score": scores[name],
                      "input_bytes": f.nbytes, "device": cpu, "tlfast": tlfast.__version__, "commit": meta["commit"]})
     speedup = rows[1]["median_s"] / rows[0]["median_s"]
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
           f"* load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
           f"{tuple(round(x, 2) for x in load_after)} (a shared machine)",
           f"* torch.mm float32 rate for FᵀF chunks: {meta['mm_gflops']:.1f} GFLOP/s; features {f.nbytes / 2**20:.0f} MiB",
-          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds after a warm-up",
+          f"* commit {meta['commit']}, {meta['date']}; median of {args.rounds} interleaved rounds (ABBA order) after a warm-up",
           f"* tlfast path: {meta['tlfast_path']}",
           "* tlfast by stage (median of 3, after the rounds): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages.items()),
           "",

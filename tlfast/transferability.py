@@ -172,9 +172,10 @@ def _whole_gram(f: torch.Tensor, a: torch.Tensor | None, name: str) -> torch.Ten
 
 
 def _symmetrise(gram: torch.Tensor) -> torch.Tensor:
-    """The full matrix from its upper triangle (the blocks below the diagonal were never written)."""
-    upper = torch.triu(gram)
-    return upper + torch.triu(gram, 1).T
+    """The full matrix from its upper triangle (the blocks below the diagonal were never written), in
+    place: one d x d temporary (the mirrored triangle) instead of three (3 ms instead of 15 at d = 1024)."""
+    gram.triu_()
+    return gram.add_(gram.T.tril(-1))
 
 
 @dataclass
