@@ -67,13 +67,14 @@ void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
   const int64_t kc = std::min<int64_t>(KC, n);
   Buffer cols = aligned_floats((size_t)panels * kc * GNR);
   // Strip p: rows [0, (p + 1) GNR) x the panel's GNR columns, at offset GNR² p (p + 1) / 2.  Worth
-  // its zeroing and final pass only over more than two slices; up to two, tiles add into g directly.
-  const bool use_strips = n > 2 * kc;
+  // its zeroing and final pass only over more than two slices; up to two, tiles add into g directly,
+  // as they do past d ~ 11k, where the strips (d²/2 doubles) would pass 512 MiB.
+  const size_t strip_bytes = (size_t)GNR * GNR * panels * (panels + 1) / 2 * sizeof(double);
+  const bool use_strips = n > 2 * kc && strip_bytes <= (size_t(512) << 20);
   std::unique_ptr<double[], DoubleFree> strips;
   if (use_strips) {
     void* raw = nullptr;
-    if (posix_memalign(&raw, 64, (size_t)GNR * GNR * panels * (panels + 1) / 2 * sizeof(double)) != 0)
-      throw std::bad_alloc();
+    if (posix_memalign(&raw, 64, strip_bytes) != 0) throw std::bad_alloc();
     strips.reset(static_cast<double*>(raw));
   }
 #pragma omp parallel num_threads(threads)
