@@ -158,8 +158,10 @@ py::tuple sinkhorn_lse_cpu(const py::array& u, const py::array& v, float scale, 
 }
 
 // g += the upper triangle of (a - shift)ᵀ(a - shift) (csrc/cpu/gram.h): a (n, d) float32, g (d, d)
-// float64, shift None or (d,) float32, all C-contiguous; g is updated in place.
-void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py::object& shift) {
+// float64, shift None or (d,) float32, all C-contiguous; g is updated in place.  With codes (n,)
+// int64 and sums (classes, d) float64, also sums[codes[i]] += a[i] - shift.
+void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py::object& shift,
+                        const py::object& codes, const py::object& sums) {
   check_matrix(a, "a");
   if (threads < 1) throw py::value_error("threads must be >= 1");
   const int64_t n = a.shape(0), d = a.shape(1);
@@ -176,10 +178,35 @@ void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py:
     if (!(s.flags() & py::array::c_style)) throw py::value_error("shift must be C-contiguous");
     sp = static_cast<const float*>(s.data());
   }
+  if (codes.is_none() != sums.is_none()) throw py::value_error("codes and sums must be given together");
+  const int64_t* cp = nullptr;
+  double* up = nullptr;
+  int64_t classes = 0;
+  py::array c, u;
+  if (!codes.is_none()) {
+    if (!py::isinstance<py::array>(codes) || !py::isinstance<py::array>(sums))
+      throw py::type_error("codes and sums must be arrays");
+    c = codes.cast<py::array>();
+    u = sums.cast<py::array>();
+    if (!c.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("codes must be an int64 array");
+    if (c.ndim() != 1 || c.shape(0) != n) throw py::value_error("codes must have shape (rows,)");
+    if (!(c.flags() & py::array::c_style)) throw py::value_error("codes must be C-contiguous");
+    if (!u.dtype().is(py::dtype::of<double>())) throw py::type_error("sums must be a float64 array");
+    if (u.ndim() != 2 || u.shape(0) < 1 || u.shape(1) != d) throw py::value_error("sums must have shape (classes, dim)");
+    if (!(u.flags() & py::array::c_style) || !u.writeable())
+      throw py::value_error("sums must be C-contiguous and writeable");
+    cp = static_cast<const int64_t*>(c.data());
+    up = static_cast<double*>(u.mutable_data());
+    classes = u.shape(0);
+  }
   const float* ap = static_cast<const float*>(a.data());
   double* gp = static_cast<double*>(g.mutable_data());
-  py::gil_scoped_release release;
-  tlfast::cpu::gram_upper_add(ap, n, d, threads, gp, sp);
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = tlfast::cpu::gram_upper_add(ap, n, d, threads, gp, sp, cp, classes, up);
+  }
+  if (!ok) throw py::value_error("codes must lie in [0, classes) (classes = sums.shape[0])");
 }
 
 py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
@@ -352,9 +379,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("cost_col"), py::arg("threads"),
         "Fused Sinkhorn tile pass: row log-sum-exps of scale * <u_i, v_j> + beta_j (and the mean cost).");
   m.def("gram_upper_add_cpu", &gram_upper_add_cpu, py::arg("a"), py::arg("g"), py::arg("threads"),
-        py::arg("shift") = py::none(),
+        py::arg("shift") = py::none(), py::arg("codes") = py::none(), py::arg("sums") = py::none(),
         "g += the upper triangle of (a - shift).T @ (a - shift) (float32 sums over slices of at most 512 "
-        "rows, then float64; shift None for a itself).");
+        "rows, then float64; shift None for a itself); with codes and sums also sums[codes[i]] += a[i] - shift.");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

@@ -286,9 +286,36 @@ def test_native_whole_gram_equals_the_chunked_torch_path(monkeypatch):
     f32 = (f + 5.0).astype(np.float32)
     monkeypatch.setattr(tr, "_CHUNK", 700)
     native = (tr.logme(f32, y), tr.hscore(f32, y), tr.hscore(f32, y, shrinkage=True))
+    monkeypatch.setattr(tr, "_KERNEL_SUMS_BYTES", 0)  # the class sums by index_add, the Gram still native
+    index_add = (tr.logme(f32, y), tr.hscore(f32, y), tr.hscore(f32, y, shrinkage=True))
     monkeypatch.setattr(tr, "_native_gram", lambda c: False)
     torch_path = (tr.logme(f32, y), tr.hscore(f32, y), tr.hscore(f32, y, shrinkage=True))
     np.testing.assert_allclose(native, torch_path, rtol=1e-6)
+    np.testing.assert_allclose(index_add, torch_path, rtol=1e-6)
+
+
+@_native
+@pytest.mark.parametrize("n,d,classes", [(1, 3, 1), (700, 23, 5), (20000, 9, 3)])
+def test_native_gram_class_sums(n, d, classes):
+    """The kernel's class sums (taken from the rows as it packs them, float32 per thread over at most
+    8192 rows, then float64) against float64 numpy, with and without the shift, added to what the
+    sums held."""
+    rng = np.random.default_rng(n + d)
+    a = (rng.standard_normal((n, d)) + 2.0).astype(np.float32)
+    codes = rng.integers(0, classes, n).astype(np.int64)
+    for shift in (None, a[:50].mean(0).astype(np.float32)):
+        b = (a if shift is None else a - shift).astype(np.float64)
+        ref = np.zeros((classes, d))
+        np.add.at(ref, codes, b)
+        mag = np.zeros((classes, d))
+        np.add.at(mag, codes, np.abs(b))
+        sums = np.full((classes, d), 0.5)
+        g = np.zeros((d, d))
+        tr._C.gram_upper_add_cpu(a, g, 2, shift, codes, sums)
+        np.testing.assert_array_less(np.abs(sums - 0.5 - ref), min(n, 8192) * 2.0 ** -24 * mag + 1e-12)
+        upper = np.triu_indices(d)
+        bound = 513 * 2.0 ** -24 * (np.abs(b).T @ np.abs(b)) + 1e-12
+        np.testing.assert_array_less(np.abs(g - b.T @ b)[upper], bound[upper])
 
 
 @_native
@@ -316,6 +343,21 @@ def test_native_gram_rejects_bad_arguments():
         tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="shift must be C-contiguous"):
         tr._C.gram_upper_add_cpu(a, np.zeros((3, 3)), 1, np.zeros(6, np.float32)[::2])
+    g, codes, sums = np.zeros((3, 3)), np.zeros(4, np.int64), np.zeros((2, 3))
+    with pytest.raises(ValueError, match="codes and sums must be given together"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, codes, None)
+    with pytest.raises(TypeError, match="codes must be an int64"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, codes.astype(np.int32), sums)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, np.zeros(5, np.int64), sums)
+    with pytest.raises(TypeError, match="sums must be a float64"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, codes, sums.astype(np.float32))
+    with pytest.raises(ValueError, match="sums must have shape"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, codes, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, classes\)"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, np.array([0, 1, 2, 0], np.int64), sums)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, classes\)"):
+        tr._C.gram_upper_add_cpu(a, g, 1, None, np.array([0, -1, 1, 0], np.int64), sums)
 
 
 @_native

@@ -148,27 +148,38 @@ def _add_gram(gram: torch.Tensor, c: torch.Tensor, first_row: int, name: str,
     return scratch
 
 
-def _whole_gram(f: torch.Tensor, a: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """The upper triangle of (f - a)ᵀ(f - a) in float64 by one call of the native kernel over all the
-    rows, for contiguous float32 rows on CPU (None otherwise: the caller adds chunk by chunk).  One
-    call, so the kernel keeps its float64 sums in its cache-friendly strips for the whole pass
-    (gram_kernel.h); the shift is subtracted in float32 as the rows are packed, as ``c - a`` would."""
+# The kernel's class sums keep threads x C x d float32 partial sums; past this, index_add by chunks.
+_KERNEL_SUMS_BYTES = 64 << 20
+
+
+def _whole_gram(f: torch.Tensor, a: torch.Tensor | None, name: str, codes: torch.Tensor | None = None,
+                sums: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+    """(the upper triangle of (f - a)ᵀ(f - a) in float64, whether ``sums`` got the class sums) by one
+    call of the native kernel over all the rows, for contiguous float32 rows on CPU ((None, False)
+    otherwise: the caller adds chunk by chunk).  One call, so the kernel keeps its float64 sums in its
+    cache-friendly strips for the whole pass (gram_kernel.h); the shift is subtracted in float32 as
+    the rows are packed, as ``c - a`` would.  With ``codes``, ``sums`` (C, d) float64 += the class
+    sums of the shifted rows, taken from the rows as they are packed (no second read of the
+    features), when the kernel's per-thread float32 sums fit in _KERNEL_SUMS_BYTES."""
     if not (_native_gram(f) and f.is_contiguous()) or f.requires_grad:
-        return None
-    d = f.shape[1]
+        return None, False
+    n, d = f.shape
+    threads = torch.get_num_threads()
+    with_sums = (codes is not None and sums is not None and sums.is_contiguous()
+                 and threads * sums.shape[0] * d * 4 <= _KERNEL_SUMS_BYTES)
+    shift = None if a is None else a.contiguous().numpy()
     gram = torch.zeros(d, d, dtype=torch.float64)
-    _C.gram_upper_add_cpu(f.numpy(), gram.numpy(), torch.get_num_threads(),
-                          None if a is None else a.contiguous().numpy())
+    _C.gram_upper_add_cpu(f.numpy(), gram.numpy(), threads, shift,
+                          codes.contiguous().numpy() if with_sums else None, sums.numpy() if with_sums else None)
     if not bool(torch.isfinite(torch.diagonal(gram)).all()):
         # Name the first chunk that does it, as the chunked path would.
         for i, c in _chunks(f):
             part = torch.zeros(d, d, dtype=torch.float64)
-            _C.gram_upper_add_cpu(c.numpy(), part.numpy(), torch.get_num_threads(),
-                                  None if a is None else a.contiguous().numpy())
+            _C.gram_upper_add_cpu(c.numpy(), part.numpy(), threads, shift)
             if not bool(torch.isfinite(torch.diagonal(part)).all()):
                 raise _bad_rows(name, i, c)
         raise _bad_rows(name, 0, f)  # pragma: no cover - some chunk overflows when the whole does
-    return gram
+    return gram, with_sums
 
 
 def _symmetrise(gram: torch.Tensor) -> torch.Tensor:
@@ -208,21 +219,22 @@ def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, target
     total = torch.zeros(d, dtype=f64, device=dev)
     norm4 = torch.zeros((), dtype=f64, device=dev)
     norm2_f = torch.zeros(d, dtype=f64, device=dev)
-    whole = _whole_gram(f, a if shift else None, name)
+    whole, summed = _whole_gram(f, a if shift else None, name, codes if targets is None else None, cross)
     if whole is not None:
         gram = whole
     scratch = None
-    for i, c in _chunks(f):
+    # The pass over the chunks, unless the kernel has done all of it (LogME's: FᵀF and the class sums).
+    for i, c in (_chunks(f) if whole is None or not summed or fourth else ()):
         if shift:
             c = c - a
         if whole is None:
             scratch = _add_gram(gram, c, i, name, scratch)
         rows = c.shape[0]
-        if targets is None:
+        if targets is None and not summed:
             # Class sums of this chunk in the working dtype (at most _CHUNK rows each), then float64.
             part = torch.zeros(n_classes, d, dtype=work, device=dev)
             cross += part.index_add_(0, codes[i:i + rows], c).to(f64)
-        else:
+        elif targets is not None:
             cross += (targets[i:i + rows].T.to(work) @ c).to(f64)
             total += (ones[:, :rows] @ c)[0].to(f64)
         if fourth:

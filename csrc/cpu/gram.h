@@ -12,11 +12,17 @@ namespace cpu {
 // wholly below it are left as they were.  The products are summed in float32 over at most 512 rows
 // (in registers), then in float64, and g is written once, at the end.  About half of a full GEMM's
 // flops (gram_kernel.h); scratch of about d²/2 doubles besides the packed slice.
-void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift = nullptr);
+//
+// With codes (n, values in [0, classes)) and sums ((classes, d), float64, row-major), also
+// sums[codes[i]] += B[i] for every row, from the rows as they are packed: float32 per thread over at
+// most 8192 rows, then float64; scratch of threads x classes x d floats.  Returns false (having
+// skipped those rows' sums) when some code is outside [0, classes).
+bool gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift = nullptr,
+                    const int64_t* codes = nullptr, int64_t classes = 0, double* sums = nullptr);
 
 #define TLFAST_DECLARE_GRAM_ISA(ns) \
   namespace ns {                    \
-  void gram_upper_add(const float*, int64_t, int64_t, int, double*, const float*); \
+  bool gram_upper_add(const float*, int64_t, int64_t, int, double*, const float*, const int64_t*, int64_t, double*); \
   }
 TLFAST_DECLARE_GRAM_ISA(avx512)
 TLFAST_DECLARE_GRAM_ISA(avx2)

@@ -61,8 +61,13 @@ struct DoubleFree {
 
 }  // namespace
 
-void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift) {
-  if (n <= 0 || d <= 0) return;
+// Rows of each thread's float32 class sums between flushes into the float64 ones: the sums' error
+// class of a float32 sum over at most this many rows (what an index_add over 8192-row chunks gave).
+constexpr int64_t SUM_ROWS = 8192;
+
+bool gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g, const float* shift,
+                    const int64_t* codes, int64_t classes, double* sums) {
+  if (n <= 0 || d <= 0) return true;
   const int64_t panels = (d + GNR - 1) / GNR;
   const int64_t kc = std::min<int64_t>(KC, n);
   Buffer cols = aligned_floats((size_t)panels * kc * GNR);
@@ -77,8 +82,30 @@ void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
     if (posix_memalign(&raw, 64, strip_bytes) != 0) throw std::bad_alloc();
     strips.reset(static_cast<double*>(raw));
   }
+  // Class sums, when asked: per thread, float32 rows of the classes it has seen since its last flush.
+  const bool with_sums = codes != nullptr && sums != nullptr && classes > 0;
+  Buffer partial = aligned_floats(with_sums ? (size_t)threads * classes * d : 1);
+  std::vector<unsigned char> touched(with_sums ? (size_t)threads * classes : 1, 0);
+  if (with_sums) std::memset(partial.get(), 0, sizeof(float) * threads * classes * d);
+  bool codes_ok = true;
 #pragma omp parallel num_threads(threads)
   {
+    const int tid = omp_get_thread_num();
+    float* mine = with_sums ? partial.get() + (size_t)tid * classes * d : nullptr;
+    unsigned char* seen = with_sums ? touched.data() + (size_t)tid * classes : nullptr;
+    int64_t since_flush = 0;
+    auto flush = [&]() {
+#pragma omp critical(tlfast_gram_class_sums)
+      for (int64_t c = 0; c < classes; ++c) {
+        if (!seen[c]) continue;
+        float* src = mine + c * d;
+        double* dst = sums + c * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+        std::memset(src, 0, sizeof(float) * d);
+        seen[c] = 0;
+      }
+      since_flush = 0;
+    };
     if (use_strips) {
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < panels; ++p)
@@ -90,6 +117,20 @@ void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
       for (int64_t t = 0; t < kk; ++t) {
         const float* row = a + (k0 + t) * d;
         for (int64_t p = 0; p < panels; ++p) pack_piece(row, shift, d, p * GNR, cols.get() + (p * kc + t) * GNR);
+        if (with_sums) {
+          const int64_t c = codes[k0 + t];
+          if (c < 0 || c >= classes) {
+            codes_ok = false;  // (a benign race: every writer writes false)
+            continue;
+          }
+          float* dst = mine + c * d;
+          if (shift == nullptr)
+            for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
+          else
+            for (int64_t j = 0; j < d; ++j) dst[j] += row[j] - shift[j];
+          seen[c] = 1;
+          if (++since_flush == SUM_ROWS) flush();
+        }
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t q = 0; q < panels; ++q) {
@@ -122,6 +163,7 @@ void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
         }
       }
     }
+    if (with_sums) flush();
     if (use_strips) {
       // Into g: rows [0, min(d, first row past panel p's last tile)) of each panel's columns.
 #pragma omp for schedule(dynamic, 1)
@@ -137,6 +179,7 @@ void gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
       }
     }
   }
+  return codes_ok;
 }
 
 }  // namespace TLFAST_ISA

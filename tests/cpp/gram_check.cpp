@@ -3,8 +3,9 @@
 // lowers its 16-float vectors to the narrower registers, so the tiling and packing logic runs on
 // any CPU).  Against a float64 product on odd shapes: every entry on or above the diagonal within
 // float32 rounding, and below it every entry untouched or, in a tile across the diagonal, added
-// its true value; with and without a shift row subtracted as the rows are packed.  Exit status 0
-// when all hold.
+// its true value; with and without a shift row subtracted as the rows are packed; the class sums
+// within float32 rounding over 8192 rows, and an out-of-range code reported.  Exit status 0 when
+// all hold.
 #include "cpu/fused_knn_std.h"
 #if CHECK_LAYOUT == 0
 #define TLFAST_ISA generic
@@ -29,7 +30,7 @@ std::string tlfast::cpu::isa() { return "check"; }
 int main() {
   using tlfast::cpu::TLFAST_ISA::gram_upper_add;
   const int64_t shapes[][2] = {{1, 1}, {2, 3}, {255, 4}, {256, 11}, {257, 12}, {300, 23}, {511, 24}, {512, 25}, {513, 13}, {129, 26},
-                               {1025, 5}, {1600, 30}, {1100, 97},
+                               {1025, 5}, {1600, 30}, {1100, 97}, {20000, 5},
                                {700, 47}, {64, 48}, {1000, 49}, {130, 96}, {333, 97}, {520, 130}};
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
@@ -55,7 +56,36 @@ int main() {
       std::vector<double> g(d * d, sentinel);
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = i; j < d; ++j) g[i * d + j] = 0.5;  // the kernel adds to what is there
-      gram_upper_add(a.data(), n, d, threads, g.data(), shifted ? shift.data() : nullptr);
+      // Class sums on odd runs: codes in [0, classes), float32 per thread over <= 8192 rows, then float64.
+      const bool with_sums = run % 2 == 1;
+      const int64_t classes = 1 + n % 7;
+      std::vector<int64_t> codes(n);
+      for (int64_t t = 0; t < n; ++t) codes[t] = (t * 7 + 3) % classes;
+      std::vector<double> sums(classes * d, 0.25);
+      const bool ok = gram_upper_add(a.data(), n, d, threads, g.data(), shifted ? shift.data() : nullptr,
+                                     with_sums ? codes.data() : nullptr, with_sums ? classes : 0,
+                                     with_sums ? sums.data() : nullptr);
+      if (!ok) {
+        std::printf("n=%ld d=%ld: valid codes reported invalid\n", (long)n, (long)d);
+        ++failures;
+      }
+      if (with_sums) {
+        const double sum_tol = std::min<int64_t>(n, 8192) * std::ldexp(1.0, -24);
+        for (int64_t c = 0; c < classes; ++c)
+          for (int64_t j = 0; j < d; ++j) {
+            double ref = 0.0, mag = 0.0;
+            for (int64_t t = 0; t < n; ++t)
+              if (codes[t] == c) {
+                ref += ref_rows[t * d + j];
+                mag += std::fabs(ref_rows[t * d + j]);
+              }
+            if (std::fabs(sums[c * d + j] - 0.25 - ref) > sum_tol * mag + 1e-12) {
+              std::printf("n=%ld d=%ld threads=%d shifted=%d: sums[%ld][%ld] = %.9g, expected %.9g\n", (long)n,
+                          (long)d, threads, (int)shifted, (long)c, (long)j, sums[c * d + j] - 0.25, ref);
+              ++failures;
+            }
+          }
+      }
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = 0; j < d; ++j) {
           double ref = 0.0, mag = 0.0;
@@ -77,6 +107,16 @@ int main() {
             ++failures;
           }
         }
+    }
+  }
+  {  // A code outside [0, classes): reported, the Gram still complete.
+    std::vector<float> a(600 * 3, 1.0f);
+    std::vector<int64_t> codes(600, 0);
+    codes[599] = 2;
+    std::vector<double> g(9, 0.0), sums(2 * 3, 0.0);
+    if (gram_upper_add(a.data(), 600, 3, 2, g.data(), nullptr, codes.data(), 2, sums.data()) || g[0] != 600.0) {
+      std::printf("an out-of-range code was not reported\n");
+      ++failures;
     }
   }
   std::printf("%s\n", failures ? "FAILED" : "ok");
