@@ -192,7 +192,8 @@ void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py:
     if (c.ndim() != 1 || c.shape(0) != n) throw py::value_error("codes must have shape (rows,)");
     if (!(c.flags() & py::array::c_style)) throw py::value_error("codes must be C-contiguous");
     if (!u.dtype().is(py::dtype::of<double>())) throw py::type_error("sums must be a float64 array");
-    if (u.ndim() != 2 || u.shape(0) < 1 || u.shape(1) != d) throw py::value_error("sums must have shape (classes, dim)");
+    if (u.ndim() != 2 || u.shape(0) < 1 || u.shape(1) != d)
+      throw py::value_error("sums must have shape (classes, dim)");
     if (!(u.flags() & py::array::c_style) || !u.writeable())
       throw py::value_error("sums must be C-contiguous and writeable");
     cp = static_cast<const int64_t*>(c.data());

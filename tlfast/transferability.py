@@ -213,15 +213,13 @@ def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, target
     dev, f64 = f.device, torch.float64
     work = _work_dtype(f)
     a = f[:_CHUNK].to(work).mean(0) if shift else torch.zeros(d, dtype=work, device=dev)
-    gram = torch.zeros(d, d, dtype=f64, device=dev)
     cross = torch.zeros(n_classes if targets is None else targets.shape[1], d, dtype=f64, device=dev)
     ones = torch.ones(1, min(n, _CHUNK), dtype=work, device=dev)
     total = torch.zeros(d, dtype=f64, device=dev)
     norm4 = torch.zeros((), dtype=f64, device=dev)
     norm2_f = torch.zeros(d, dtype=f64, device=dev)
     whole, summed = _whole_gram(f, a if shift else None, name, codes if targets is None else None, cross)
-    if whole is not None:
-        gram = whole
+    gram = whole if whole is not None else torch.zeros(d, d, dtype=f64, device=dev)
     scratch = None
     # The pass over the chunks, unless the kernel has done all of it (LogME's: FᵀF and the class sums).
     for i, c in (_chunks(f) if whole is None or not summed or fourth else ()):

@@ -16,8 +16,11 @@
 // x GNR, contiguous, about d²/2 doubles in all), and go into the caller's row-major matrix once, at
 // the end: a tile's update is then 4 contiguous rows of 24 doubles instead of 4 rows 8d bytes apart,
 // scattered over the whole d x d matrix (8 MiB at d = 1024, past L2) for every slice - measured
-// 5-13% faster on the 2-core EPYC at 100k x 1024.  Summing in float32 over at most KC rows and then in float64 is more accurate than a
-// float32 GEMM over all n rows, and the triangle is half of torch's flops.
+// 5-13% faster on the 2-core EPYC at 100k x 1024.  Summing in float32 over at most KC rows and then
+// in float64 is more accurate than a float32 GEMM over all n rows, and the triangle is half of
+// torch's flops.  Given class codes, the thread that packs a row also adds it to its float32 sum
+// of that class (flushed to float64 every SUM_ROWS of its rows), so LogME's moments take one read
+// of the features.
 //
 // This header is included by exactly one translation unit per ISA, after that TU has switched the
 // ISA on with `#pragma GCC target` (see fused_knn_std.h for why not with compiler flags).
@@ -87,7 +90,7 @@ bool gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
   Buffer partial = aligned_floats(with_sums ? (size_t)threads * classes * d : 1);
   std::vector<unsigned char> touched(with_sums ? (size_t)threads * classes : 1, 0);
   if (with_sums) std::memset(partial.get(), 0, sizeof(float) * threads * classes * d);
-  bool codes_ok = true;
+  int bad_code = 0;
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num();
@@ -120,7 +123,8 @@ bool gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
         if (with_sums) {
           const int64_t c = codes[k0 + t];
           if (c < 0 || c >= classes) {
-            codes_ok = false;  // (a benign race: every writer writes false)
+#pragma omp atomic write
+            bad_code = 1;
             continue;
           }
           float* dst = mine + c * d;
@@ -179,7 +183,7 @@ bool gram_upper_add(const float* a, int64_t n, int64_t d, int threads, double* g
       }
     }
   }
-  return codes_ok;
+  return bad_code == 0;
 }
 
 }  // namespace TLFAST_ISA
