@@ -172,12 +172,9 @@ def _whole_gram(f: torch.Tensor, a: torch.Tensor | None, name: str, codes: torch
     _C.gram_upper_add_cpu(f.numpy(), gram.numpy(), threads, shift,
                           codes.contiguous().numpy() if with_sums else None, sums.numpy() if with_sums else None)
     if not bool(torch.isfinite(torch.diagonal(gram)).all()):
-        # Name the first chunk that does it, as the chunked path would.
+        # Name the first chunk that does it: the chunked path, which raises there.
         for i, c in _chunks(f):
-            part = torch.zeros(d, d, dtype=torch.float64)
-            _C.gram_upper_add_cpu(c.numpy(), part.numpy(), threads, shift)
-            if not bool(torch.isfinite(torch.diagonal(part)).all()):
-                raise _bad_rows(name, i, c)
+            _add_gram(torch.zeros(d, d, dtype=torch.float64), c if a is None else c - a, i, name)
         raise _bad_rows(name, 0, f)  # pragma: no cover - some chunk overflows when the whole does
     return gram, with_sums
 
