@@ -78,18 +78,22 @@ def cpu_name_and_flags() -> tuple[str, list[str]]:
 
 
 def tlfast_stages(f, y, repeats: int = 3) -> dict[str, float]:
-    """Where tlfast's time goes: the one pass of moments (FᵀF and the class sums), the eigenpairs, and the
-    maximisation over λ; medians of ``repeats`` runs each."""
+    """Where tlfast's time goes: the one pass of moments (FᵀF and the class sums), the spectral sums'
+    setup (tridiagonal form, eigenvalues, projections), and the maximisation over λ; medians of
+    ``repeats`` runs each.  Returns them and how the spectral sums were formed."""
     import tlfast.transferability as T
     from tlfast.bench.timing import measure
 
     codes, classes = T._labels(y, f.shape[0], f.device)
     mom = T._moments(f, codes, classes)
     moments = measure(lambda: T._moments(f, codes, classes), repeats=repeats, warmup=0).median
-    eig = measure(lambda: T._eig_projections(mom.gram, mom.cross), repeats=repeats, warmup=0).median
-    s, z = T._eig_projections(mom.gram, mom.cross)
-    newton = measure(lambda: T._maximise_evidence(mom, s, z, 1000, 1e-12), repeats=repeats, warmup=0).median
-    return {"moments (FᵀF, class sums)": moments, "eigenpairs": eig, "λ maximisation": newton}
+    eig = measure(lambda: T._resolvent_forms(mom.gram, mom.cross), repeats=repeats, warmup=0).median
+    forms = T._resolvent_forms(mom.gram, mom.cross)
+    newton = measure(lambda: T._maximise_evidence(mom, forms, 1000, 1e-12), repeats=repeats, warmup=0).median
+    how = ("LAPACK dsytrd + dormqr + dsterf, then LDLᵀ recurrences in T (csrc/cpu/tridiag.cpp)"
+           if isinstance(forms, T._TridiagonalForms) else
+           "LAPACK dsytrd + dstevd + dormqr" if T._dsytrd is not None else "torch.linalg.eigh")
+    return {"moments (FᵀF, class sums)": moments, "spectral setup": eig, "λ maximisation": newton}, how
 
 
 def mm_rate(n: int, d: int) -> float:
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
             peaks[name] = max(peaks[name], peak_rss_bytes() - base)
         print(f"round: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), file=sys.stderr)
     load_after = os.getloadavg()
-    stages = tlfast_stages(torch.from_numpy(f), torch.from_numpy(y))
+    stages, spectral = tlfast_stages(torch.from_numpy(f), torch.from_numpy(y))
     gemm = 2.0 * n * d * d
     cpu, flags = cpu_name_and_flags()
     meta = {"device": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -161,9 +165,7 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mm_gflops": mm_rate(n, d),
             "tlfast_path": ("FᵀF: tlfast's Gram kernel (upper register tiles, csrc/cpu/gram_kernel.h)"
                             if tlfast.transferability._native_gram(torch.zeros(1))
-                            else "FᵀF: torch GEMMs on the upper block triangle") + "; eigenpairs: " + (
-                "LAPACK dsytrd + dstevd + dormqr" if tlfast.transferability._dsytrd is not None
-                else "torch.linalg.eigh")}
+                            else "FᵀF: torch GEMMs on the upper block triangle") + "; spectral sums: " + spectral}
     rows = []
     for name in contenders:
         med = float(np.median(times[name]))

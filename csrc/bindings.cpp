@@ -19,6 +19,7 @@
 #include "cpu/pool.h"
 #include "cpu/preprocess.h"
 #include "cpu/sinkhorn.h"
+#include "cpu/tridiag.h"
 #include "cuda/device.h"
 #ifdef TLFAST_WITH_CUDA
 #include "cuda/divergence.h"
@@ -210,6 +211,39 @@ void gram_upper_add_cpu(const py::array& a, py::array& g, int threads, const py:
   if (!ok) throw py::value_error("codes must lie in [0, classes) (classes = sums.shape[0])");
 }
 
+// Resolvent quadratic forms of a symmetric tridiagonal T (csrc/cpu/tridiag.h): diag (d,), off (d-1,),
+// u (d, cols), lam (cols,), all float64 and C-contiguous.  Returns (q1, q2, q3) (q2, q3 None unless
+// more), or None when some T + lam[j] I is not numerically positive definite.
+py::object tridiag_resolvent_forms_cpu(const py::array& diag, const py::array& off, const py::array& u,
+                                       const py::array& lam, bool more) {
+  auto f64 = [](const py::array& x, const char* name, int ndim) {
+    if (!x.dtype().is(py::dtype::of<double>())) throw py::type_error(std::string(name) + " must be a float64 array");
+    if (x.ndim() != ndim) throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D");
+    if (!(x.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  };
+  f64(diag, "diag", 1);
+  f64(off, "off", 1);
+  f64(u, "u", 2);
+  f64(lam, "lam", 1);
+  const int64_t d = diag.shape(0), cols = u.shape(1);
+  if (d < 1) throw py::value_error("diag must not be empty");
+  if (off.shape(0) != d - 1) throw py::value_error("off must have shape (len(diag) - 1,)");
+  if (u.shape(0) != d) throw py::value_error("u must have shape (len(diag), cols)");
+  if (lam.shape(0) != cols) throw py::value_error("lam must have shape (u.shape[1],)");
+  py::array_t<double> q1(cols), q2(more ? cols : 0), q3(more ? cols : 0);
+  const double *dp = static_cast<const double*>(diag.data()), *op = static_cast<const double*>(off.data()),
+               *up = static_cast<const double*>(u.data()), *lp = static_cast<const double*>(lam.data());
+  double *p1 = q1.mutable_data(), *p2 = more ? q2.mutable_data() : nullptr, *p3 = more ? q3.mutable_data() : nullptr;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = tlfast::cpu::tridiag_resolvent_forms(dp, op, d, up, cols, lp, p1, p2, p3);
+  }
+  if (!ok) return py::none();
+  if (!more) return py::make_tuple(q1, py::none(), py::none());
+  return py::make_tuple(q1, q2, q3);
+}
+
 py::tuple check_rows(const py::array& x, int checks, double tol, int threads) {
   if (x.ndim() != 2) throw py::value_error("x must be 2-D (rows, dim)");
   if (!(x.flags() & py::array::c_style)) throw py::value_error("x must be C-contiguous");
@@ -383,6 +417,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("shift") = py::none(), py::arg("codes") = py::none(), py::arg("sums") = py::none(),
         "g += the upper triangle of (a - shift).T @ (a - shift) (float32 sums over slices of at most 512 "
         "rows, then float64; shift None for a itself); with codes and sums also sums[codes[i]] += a[i] - shift.");
+  m.def("tridiag_resolvent_forms_cpu", &tridiag_resolvent_forms_cpu, py::arg("diag"), py::arg("off"), py::arg("u"),
+        py::arg("lam"), py::arg("more") = true,
+        "(u'A^-1 u, |A^-1 u|^2, (A^-1 u)'A^-1(A^-1 u)) per column of u, A = T + lam[j] I for the symmetric "
+        "tridiagonal T (diag, off), by L D L' recurrences; None when some A is not positive definite.");
   m.def("check_rows", &check_rows, py::arg("x"), py::arg("checks"), py::arg("tol"), py::arg("threads"),
         "One pass over rows: (first bad row or -1, problem code, that row's sum, max |x|, smallest "
         "non-zero row max |x|). checks: 1 finite, 2 non-zero rows, 4 probability rows (>= 0, sum 1 within tol).");

@@ -377,3 +377,193 @@ def test_logme_native_gram_equals_the_torch_path(monkeypatch):
     bad[1234, 5] = np.nan
     with pytest.raises(ValueError, match=r"rows 1200\.\.1499"):
         tr.logme(bad, y)
+
+
+def _tridiagonal(d, seed, indefinite=False):
+    """A random symmetric tridiagonal matrix, positive definite unless ``indefinite``."""
+    rng = np.random.default_rng(seed)
+    off = rng.standard_normal(max(d - 1, 0))
+    diag = rng.random(d) * 3 + 2 * np.abs(np.concatenate([[0], off])) + 2 * np.abs(np.concatenate([off, [0]]))
+    if indefinite:
+        diag[d // 2] -= 1e3
+    return diag, off
+
+
+@_native
+@pytest.mark.parametrize("d,cols", [(1, 1), (2, 3), (17, 64), (97, 65), (250, 130)])
+def test_tridiagonal_resolvent_forms_equal_the_dense_solves(d, cols):
+    """q1 = uᵀA⁻¹u, q2 = ‖A⁻¹u‖², q3 = (A⁻¹u)ᵀA⁻¹(A⁻¹u), A = T + λ_j I, per column (blocks of 64
+    columns: 64 and 65 and 130 cross them), against numpy's dense solves."""
+    diag, off = _tridiagonal(d, seed=d)
+    rng = np.random.default_rng(cols)
+    u = rng.standard_normal((d, cols))
+    lam = np.logspace(-3, 3, cols)
+    q1, q2, q3 = tr._C.tridiag_resolvent_forms_cpu(diag, off, u, lam)
+    t = np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)
+    for j in range(cols):
+        a = t + lam[j] * np.eye(d)
+        x = np.linalg.solve(a, u[:, j])
+        np.testing.assert_allclose([q1[j], q2[j], q3[j]], [u[:, j] @ x, x @ x, x @ np.linalg.solve(a, x)],
+                                   rtol=1e-11)
+    only, none2, none3 = tr._C.tridiag_resolvent_forms_cpu(diag, off, u, lam, more=False)
+    assert none2 is None and none3 is None
+    np.testing.assert_array_equal(only, q1)
+
+
+@_native
+def test_tridiagonal_resolvent_forms_refuse_what_is_not_positive_definite():
+    diag, off = _tridiagonal(40, seed=1, indefinite=True)
+    u = np.ones((40, 3))
+    assert tr._C.tridiag_resolvent_forms_cpu(diag, off, u, np.array([1.0, 2.0, 3.0])) is None
+    # ... shifted past its lowest eigenvalue, it is definite again
+    low = np.linalg.eigvalsh(np.diag(diag) + np.diag(off, 1) + np.diag(off, -1))[0]
+    assert tr._C.tridiag_resolvent_forms_cpu(diag, off, u, np.full(3, 1 - low)) is not None
+    diag, off = _tridiagonal(40, seed=1)
+    assert tr._C.tridiag_resolvent_forms_cpu(diag, off, u, np.array([1.0, np.nan, 3.0])) is None
+    assert tr._C.tridiag_resolvent_forms_cpu(diag, off, u, np.array([1.0, 0.0, -np.inf])) is None
+
+
+@_native
+def test_tridiagonal_resolvent_forms_reject_bad_arguments():
+    diag, off = _tridiagonal(5, seed=0)
+    u, lam = np.ones((5, 2)), np.ones(2)
+    f = tr._C.tridiag_resolvent_forms_cpu
+    with pytest.raises(TypeError, match="diag must be a float64"):
+        f(diag.astype(np.float32), off, u, lam)
+    with pytest.raises(ValueError, match="off must have shape"):
+        f(diag, off[:-1], u, lam)
+    with pytest.raises(ValueError, match="u must have shape"):
+        f(diag, off, np.ones((4, 2)), lam)
+    with pytest.raises(ValueError, match="u must be 2-D"):
+        f(diag, off, np.ones(5), lam)
+    with pytest.raises(ValueError, match="u must be C-contiguous"):
+        f(diag, off, np.ones((2, 5)).T, lam)
+    with pytest.raises(ValueError, match="lam must have shape"):
+        f(diag, off, u, np.ones(3))
+    with pytest.raises(ValueError, match="diag must not be empty"):
+        f(np.ones(0), np.ones(0), np.ones((0, 2)), lam)
+
+
+def _logme_both_ways(f, y, regression=False):
+    """(the tridiagonal-form evidence per column, the eigenbasis one, the forms used by default)."""
+    f = torch.as_tensor(f)
+    if regression:
+        mom = tr._moments(f, None, 0, targets=tr._targets(y, f.shape[0], f.device))
+    else:
+        codes, classes = tr._labels(y, f.shape[0], f.device)
+        mom = tr._moments(f, codes, classes)
+    default = tr._resolvent_forms(mom.gram, mom.cross)
+    eig = tr._resolvent_forms(mom.gram, mom.cross, tridiagonal=False)
+    assert isinstance(eig, tr._EigenForms)
+    return (tr._maximise_evidence(mom, default, 1000, 1e-12)[0], tr._maximise_evidence(mom, eig, 1000, 1e-12)[0],
+            default)
+
+
+@_native
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_logme_tridiagonal_form_equals_the_eigenbasis(scale):
+    """Full-rank features take the LDLᵀ recurrences in T; every column's evidence equals the eigenbasis
+    form's to rounding, on classes and on regression targets, with feature scales spread 1:scale."""
+    f, y = _problem(900, 45, 6, seed=3)
+    f *= np.logspace(0, np.log10(scale), 45)
+    tri, eig, forms = _logme_both_ways(f, y)
+    assert isinstance(forms, tr._TridiagonalForms)
+    np.testing.assert_allclose(tri.numpy(), eig.numpy(), rtol=1e-11)
+    rng = np.random.default_rng(0)
+    targets = np.stack([f @ rng.standard_normal(45) + rng.standard_normal(900), f[:, 0] ** 2], 1)
+    tri, eig, forms = _logme_both_ways(f, targets, regression=True)
+    assert isinstance(forms, tr._TridiagonalForms)
+    np.testing.assert_allclose(tri.numpy(), eig.numpy(), rtol=1e-11)
+
+
+@_native
+def test_logme_takes_the_eigenbasis_where_some_direction_is_null():
+    """d > n, or a duplicated feature, leaves eigenvalues at the null threshold, whose directions the
+    eigenbasis form zeroes: those features keep it."""
+    f, y = _problem(40, 61, 3)
+    assert isinstance(_logme_both_ways(f, y)[2], tr._EigenForms)
+    f, y = _problem(300, 12, 3)
+    f[:, 5] = f[:, 2]
+    tri, eig, forms = _logme_both_ways(f, y)
+    assert isinstance(forms, tr._EigenForms)
+    np.testing.assert_array_equal(tri.numpy(), eig.numpy())
+
+
+@_native
+def test_logme_falls_back_to_the_eigenbasis_when_a_shifted_T_is_not_definite(monkeypatch):
+    """Should rounding leave some T + λI indefinite mid-maximisation, the whole maximisation reruns
+    in the eigenbasis (here forced by a kernel that refuses every call after the first few)."""
+    f, y = _problem(500, 20, 4, seed=2)
+    expected = tr.logme(f, y)
+    real, calls = tr._C, {"n": 0}
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def tridiag_resolvent_forms_cpu(self, *args):
+            calls["n"] += 1
+            return real.tridiag_resolvent_forms_cpu(*args) if calls["n"] < 5 else None
+
+    monkeypatch.setattr(tr, "_C", Refusing())
+    assert tr.logme(f, y) == pytest.approx(expected, rel=1e-12)
+    assert calls["n"] >= 5
+
+
+def _separable(n, d, classes, sep, seed=0):
+    """float32 features whose class centres are ``sep`` times the within-class noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return ((rng.standard_normal((classes, d)) * sep)[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("sep", [1.0, 5.0])
+def test_logme_float32_statistics_stay_within_their_error_class(sep, monkeypatch):
+    """Below _FLOAT32_KAPPA the float32 products stand: evidence / n within κ·2^-24 of the float64 one."""
+    f, y = _separable(6000, 96, 6, sep)
+    precise = []
+    real = tr._moments
+    monkeypatch.setattr(tr, "_moments", lambda *a, **k: precise.append(k.get("precise", False)) or real(*a, **k))
+    ours = tr.logme(f, y)
+    assert precise == [False]
+    codes, classes = tr._labels(y, f.shape[0], torch.device("cpu"))
+    exact, kappa = tr._logme_evidence(real(torch.from_numpy(f), codes, classes, precise=True), 1000, 1e-12)
+    assert float(kappa.max()) <= tr._FLOAT32_KAPPA
+    assert abs(ours - float(exact.mean())) <= float(kappa.max()) * 2.0 ** -24
+
+
+def test_logme_recomputes_in_float64_where_the_fit_cancels_past_float32():
+    """Nearly separable classes, and regression targets with little noise, cancel ‖y‖² - Σ z²/(s + λ)
+    past float32's digits (errors of 1e-3 to 1 in evidence / n, measured): LogME then takes the
+    statistics in float64 and equals the float64 features' score."""
+    f, y = _separable(8000, 64, 5, sep=200.0)
+    assert tr.logme(f, y) == pytest.approx(tr.logme(f.astype(np.float64), y), rel=1e-12)
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((8000, 64)).astype(np.float32)
+    for noise in (1e-1, 1e-3):
+        t = g.astype(np.float64) @ rng.standard_normal(64) + noise * rng.standard_normal(8000)
+        assert tr.logme(g, t, regression=True) == pytest.approx(tr.logme(g.astype(np.float64), t, regression=True),
+                                                               rel=1e-12)
+
+
+def test_logme_regression_targets_are_not_rounded_to_float32():
+    """κ ~ 300 (no float64 pass): the cross products with float64 targets are float64, so float32
+    features give the float64 score to the Gram's float32 error, not the targets' rounding (which
+    was 1.1e-5 relative here)."""
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((8000, 64)).astype(np.float32)
+    t = g.astype(np.float64) @ rng.standard_normal(64) + rng.standard_normal(8000)
+    assert tr.logme(g, t, regression=True) == pytest.approx(tr.logme(g.astype(np.float64), t, regression=True),
+                                                           rel=2e-6)
+
+
+def test_logme_refuses_a_target_the_features_fit_exactly():
+    """No noise: the evidence grows without bound as β -> ∞, and what float64 gives is rounding - an
+    error naming y, not a number (it was NaN)."""
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((500, 12))
+    with pytest.raises(ValueError, match=r"y: target column 1 is fitted by the features to within float64"):
+        tr.logme(f, np.stack([rng.standard_normal(500), f @ rng.standard_normal(12)], 1), regression=True)
+    with pytest.raises(ValueError, match=r"y: target column 0 is fitted"):
+        tr.logme(f.astype(np.float32), f.astype(np.float32).astype(np.float64) @ rng.standard_normal(12),
+                 regression=True)

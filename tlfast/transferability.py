@@ -78,8 +78,8 @@ def _targets(y: Any, n: int, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _work_dtype(t: torch.Tensor, precise: bool = False) -> torch.dtype:
+    return torch.float64 if precise or t.dtype == torch.float64 else torch.float32
 
 
 # FᵀF on CPU for float32 rows: tlfast's own kernel (csrc/cpu/gram_kernel.h), the upper register
@@ -95,19 +95,19 @@ def _native_gram(c: torch.Tensor) -> bool:
 
 
 try:  # the LAPACK tridiagonal eigensolver, through scipy (its OpenBLAS)
-    from scipy.linalg.lapack import dormqr as _dormqr, dstevd as _dstevd, dsytrd as _dsytrd
+    from scipy.linalg.lapack import dormqr as _dormqr, dsterf as _dsterf, dstevd as _dstevd, dsytrd as _dsytrd
 except ImportError:  # pragma: no cover - scipy comes with the train / test extras
-    _dormqr = _dstevd = _dsytrd = None
+    _dormqr = _dsterf = _dstevd = _dsytrd = None
 
-try:  # ... on one BLAS thread: see _eig_projections
+try:  # ... on one BLAS thread: see _resolvent_forms
     from threadpoolctl import threadpool_limits as _threadpool_limits
 except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn and the train extra
     _threadpool_limits = None
 
 
-def _chunks(f: torch.Tensor):
+def _chunks(f: torch.Tensor, precise: bool = False):
     """(start, rows as the working float dtype) over ``f``."""
-    work = _work_dtype(f)
+    work = _work_dtype(f, precise)
     for i in range(0, f.shape[0], _CHUNK):
         yield i, f[i:i + _CHUNK].to(work)
 
@@ -205,21 +205,24 @@ class _Moments:
 
 
 def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, targets: torch.Tensor | None = None,
-             fourth: bool = False, shift: bool = False, name: str = "features") -> _Moments:
+             fourth: bool = False, shift: bool = False, name: str = "features", precise: bool = False) -> _Moments:
+    """The statistics of one pass over ``f``: its chunks' products in float32 for float32 rows (float64
+    sums), or, with ``precise`` (or float64 rows), in float64.  Regression's cross products with the
+    targets are float64 either way: the targets are not rounded to float32."""
     n, d = f.shape
     dev, f64 = f.device, torch.float64
-    work = _work_dtype(f)
+    work = _work_dtype(f, precise)
     a = f[:_CHUNK].to(work).mean(0) if shift else torch.zeros(d, dtype=work, device=dev)
     cross = torch.zeros(n_classes if targets is None else targets.shape[1], d, dtype=f64, device=dev)
-    ones = torch.ones(1, min(n, _CHUNK), dtype=work, device=dev)
     total = torch.zeros(d, dtype=f64, device=dev)
     norm4 = torch.zeros((), dtype=f64, device=dev)
     norm2_f = torch.zeros(d, dtype=f64, device=dev)
-    whole, summed = _whole_gram(f, a if shift else None, name, codes if targets is None else None, cross)
+    whole, summed = (None, False) if precise else _whole_gram(f, a if shift else None, name,
+                                                            codes if targets is None else None, cross)
     gram = whole if whole is not None else torch.zeros(d, d, dtype=f64, device=dev)
     scratch = None
     # The pass over the chunks, unless the kernel has done all of it (LogME's: FᵀF and the class sums).
-    for i, c in (_chunks(f) if whole is None or not summed or fourth else ()):
+    for i, c in (_chunks(f, precise) if whole is None or not summed or fourth else ()):
         if shift:
             c = c - a
         if whole is None:
@@ -230,8 +233,9 @@ def _moments(f: torch.Tensor, codes: torch.Tensor | None, n_classes: int, target
             part = torch.zeros(n_classes, d, dtype=work, device=dev)
             cross += part.index_add_(0, codes[i:i + rows], c).to(f64)
         elif targets is not None:
-            cross += (targets[i:i + rows].T.to(work) @ c).to(f64)
-            total += (ones[:, :rows] @ c)[0].to(f64)
+            c64 = c.to(f64)
+            cross += targets[i:i + rows].T @ c64
+            total += c64.sum(0)
         if fourth:
             c64 = c.to(f64)
             sq = (c64 * c64).sum(1)
@@ -285,30 +289,97 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     f = _features(features)
     n, d = f.shape
     if regression:
-        mom = _moments(f, None, 0, targets=_targets(y, n, f.device))
+        targets = _targets(y, n, f.device)
+        codes, n_classes = None, 0
     else:
+        targets = None
         codes, n_classes = _labels(y, n, f.device)
-        mom = _moments(f, codes, n_classes)
-    return float(_logme_evidence(mom, max_iter, tol).mean())
+    evidence, kappa = _logme_evidence(_moments(f, codes, n_classes, targets), max_iter, tol)
+    if _work_dtype(f) == torch.float32 and not bool((kappa <= _FLOAT32_KAPPA).all()):
+        # Some column is fitted so closely that E = ‖y‖² - Σ z²/(s + λ) cancels past what float32
+        # products resolve (features whose classes are nearly linearly separable, regression targets
+        # with little noise): the statistics again, in float64.
+        evidence, kappa = _logme_evidence(_moments(f, codes, n_classes, targets, precise=True), max_iter, tol)
+    bad = ~(torch.isfinite(evidence) & (kappa <= _FLOAT64_KAPPA))
+    if bool(bad.any()):
+        j = int(torch.nonzero(bad)[0])
+        raise ValueError(f"y: {'target column' if regression else 'class'} {j} is fitted by the features to within "
+                         f"float64 rounding (residual {1 / float(kappa[j]):.1e} of its squared norm at the optimum), "
+                         f"so its evidence has no maximum that float64 resolves: the column is (nearly) an exact "
+                         f"linear function of the features")
+    return float(evidence.mean())
+
+
+# κ = ‖y‖² / E(λ*) for a column y: E = ‖y‖² - Σ z²/(s + λ) loses log10 κ digits to cancellation.
+# Built from float32 products (summed over up to 512 rows in float32), the evidence / n was within
+# ~0.03-0.5 κ·2^-24 of the float64 one in measurements (tests/test_transferability.py): past
+# _FLOAT32_KAPPA (errors up to ~1e-5) LogME recomputes the statistics in float64, and past
+# _FLOAT64_KAPPA (the same error class in float64) it refuses.
+_FLOAT32_KAPPA = 1e3
+_FLOAT64_KAPPA = 1e11
 
 
 _LOGME_WARMUP = 3  # MacKay fixed-point steps before Newton
 
 
-def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> torch.Tensor:
-    """Per-column maximised log evidence / n, from the sufficient statistics."""
-    s, z = _eig_projections(mom.gram, mom.cross)          # z (C, d): VᵀFᵀy per column
-    return _maximise_evidence(mom, s, z, max_iter, tol)
+class _NotDefinite(Exception):
+    """Some T + λI of the tridiagonal form was not numerically positive definite."""
 
 
-def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
-    """The maximisation over λ = α/β of every column, given the eigenvalues s of FᵀF and z = VᵀFᵀy."""
+class _EigenForms:
+    """The z-weighted resolvent sums of LogME from the eigenpairs of FᵀF: s (d,) its eigenvalues and
+    z (C, d) = VᵀFᵀy per column, so that Σ z²/(s + λ)^k is a (C, d) reduction."""
+
+    def __init__(self, s: torch.Tensor, z: torch.Tensor):
+        d = s.shape[0]
+        self.s = s.clamp(min=0)
+        # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
+        z = torch.where(self.s > self.s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
+        self.z2 = z * z
+
+    def __call__(self, lam: torch.Tensor, more: bool = True):
+        il = 1.0 / (self.s + lam[:, None])
+        z2il = self.z2 * il
+        if not more:
+            return z2il.sum(1), None, None
+        z2il2 = z2il * il
+        return z2il.sum(1), z2il2.sum(1), (z2il2 * il).sum(1)
+
+
+class _TridiagonalForms:
+    """The same sums from the Householder tridiagonal form FᵀF = Q T Qᵀ, without T's eigenvectors:
+    with u = QᵀFᵀy, Σ z²/(s + λ) = uᵀ(T + λI)⁻¹u, Σ z²/(s + λ)² = ‖x‖² and Σ z²/(s + λ)³ = xᵀ(T + λI)⁻¹x
+    for x = (T + λI)⁻¹u, by LDLᵀ recurrences in O(d) per column (csrc/cpu/tridiag.cpp).  s are T's
+    eigenvalues alone (``dsterf``), for the sums that do not involve z.  Used only where every s
+    exceeds the null threshold of _EigenForms, so that it would zero no z and clamp no s: the two are
+    then the same sums, to rounding (tests/test_transferability.py)."""
+
+    def __init__(self, s: torch.Tensor, diag: np.ndarray, off: np.ndarray, u: np.ndarray):
+        self.s, self.diag, self.off, self.u = s, diag, off, u
+
+    def __call__(self, lam: torch.Tensor, more: bool = True):
+        out = _C.tridiag_resolvent_forms_cpu(self.diag, self.off, self.u, lam.contiguous().numpy(), more)
+        if out is None:
+            raise _NotDefinite
+        return tuple(None if q is None else torch.from_numpy(q) for q in out)
+
+
+def _logme_evidence(mom: _Moments, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, (the maximised log evidence / n, κ = ‖y‖² / E(λ*)), from the sufficient statistics."""
+    forms = _resolvent_forms(mom.gram, mom.cross)
+    try:
+        return _maximise_evidence(mom, forms, max_iter, tol)
+    except _NotDefinite:  # rounding made some T + λI indefinite: the eigenbasis, as everywhere else
+        return _maximise_evidence(mom, _resolvent_forms(mom.gram, mom.cross, tridiagonal=False), max_iter, tol)
+
+
+def _maximise_evidence(mom: _Moments, forms, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maximisation over λ = α/β of every column, given ``forms``: the eigenvalues ``forms.s`` of
+    FᵀF and ``forms(λ)`` = (Σ z²/(s+λ), Σ z²/(s+λ)², Σ z²/(s+λ)³) per column, z = VᵀFᵀy.  Returns
+    (the maximised log evidence / n, κ = ‖y‖² / E(λ*): how much of ‖y‖² the fit cancels) per column."""
     n = mom.n
     d = mom.gram.shape[0]
-    s = s.clamp(min=0)
-    # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
-    z = torch.where(s > s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
-    z2 = z * z
+    s = forms.s
     yy = mom.y_sq
     tiny = torch.finfo(torch.float64).tiny
     # MacKay's fixed point converges linearly, and slowly where the evidence is flat in λ (it ran
@@ -323,19 +394,19 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
     # Newton step of at least 1/2, doubles its step (up to 64x) - about 5 steps instead of 20 there.
     # Converged columns stand still, so that rounding in ℓ (~1e-11 of its n-sized terms) never makes
     # the line search halve the others' steps.
+    # Σ z²(s + 2λ)/(s + λ)² = b1 + λ b2 with b_k = Σ z²/(s + λ)^k: the residual ‖y - Fm‖².
     lam = torch.ones_like(yy)
     for _ in range(min(_LOGME_WARMUP, max_iter)):
-        sl = s + lam[:, None]
-        gamma = (s / sl).sum(1)
-        m_sq = (z2 / (sl * sl)).sum(1)
-        resid = (yy - (z2 * (s + 2 * lam[:, None]) / (sl * sl)).sum(1)).clamp(min=tiny)
+        gamma = (s / (s + lam[:, None])).sum(1)
+        b1, m_sq, _ = forms(lam)
+        resid = (yy - b1 - lam * m_sq).clamp(min=tiny)
         lam = (gamma / m_sq.clamp(min=tiny)) / ((n - gamma) / resid)
     lam = lam.clamp(min=tiny)
 
     def profile(t):
-        il = 1.0 / (s + torch.exp(t)[:, None])
-        e = (yy - (z2 * il).sum(1)).clamp(min=tiny)
-        return d / 2 * t - 0.5 * torch.log(s + torch.exp(t)[:, None]).sum(1) - n / 2 * torch.log(e)
+        lam = torch.exp(t)
+        e = (yy - forms(lam, more=False)[0]).clamp(min=tiny)
+        return d / 2 * t - 0.5 * torch.log(s + lam[:, None]).sum(1) - n / 2 * torch.log(e)
 
     t = torch.log(lam)
     base = profile(t)  # ℓ at the current t, carried from the accepted step of the line search
@@ -344,12 +415,10 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
     for _ in range(max(0, max_iter - _LOGME_WARMUP)):
         lam = torch.exp(t)
         il = 1.0 / (s + lam[:, None])
-        il2 = il * il
-        e = (yy - (z2 * il).sum(1)).clamp(min=tiny)
-        b2 = (z2 * il2).sum(1)
-        b3 = (z2 * il2 * il).sum(1)
+        b1, b2, b3 = forms(lam)
+        e = (yy - b1).clamp(min=tiny)
         g_lam = d / (2 * lam) - 0.5 * il.sum(1) - n / 2 * b2 / e
-        h_lam = -d / (2 * lam * lam) + 0.5 * il2.sum(1) + n / 2 * (2 * b3 / e + (b2 / e) ** 2)
+        h_lam = -d / (2 * lam * lam) + 0.5 * (il * il).sum(1) + n / 2 * (2 * b3 / e + (b2 / e) ** 2)
         g_t = lam * g_lam
         h_t = g_t + lam * lam * h_lam
         newton = torch.where(h_t < 0, -g_t / torch.where(h_t < 0, h_t, -1.0), torch.sign(g_t))
@@ -378,56 +447,66 @@ def _maximise_evidence(mom: _Moments, s: torch.Tensor, z: torch.Tensor, max_iter
         t = t + step
         base = trial
     lam = torch.exp(t)
-    sl = s + lam[:, None]
-    beta = n / (yy - (z2 / sl).sum(1)).clamp(min=tiny)
+    b1, m_sq, _ = forms(lam)
+    e = yy - b1
+    kappa = torch.where(e > 0, yy / e.clamp(min=tiny), math.inf)
+    beta = n / e.clamp(min=tiny)
     alpha = lam * beta
     # The evidence at the final (α, β), with m and the residual recomputed for them.
-    sl = s + lam[:, None]
-    m_sq = (z2 / (sl * sl)).sum(1)
-    resid = (yy - (z2 * (s + 2 * lam[:, None]) / (sl * sl)).sum(1)).clamp(min=tiny)
+    resid = (yy - b1 - lam * m_sq).clamp(min=tiny)
     evidence = (d / 2 * torch.log(alpha) + n / 2 * torch.log(beta) - n / 2 * math.log(2 * math.pi)
                 - 0.5 * torch.log(alpha[:, None] + beta[:, None] * s).sum(1)
                 - beta / 2 * resid - alpha / 2 * m_sq)
-    return evidence / n
+    return evidence / n, kappa
 
 
-def _eig_projections(gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues s of the symmetric ``gram``, ``cross`` @ V) with V its eigenvectors (float64).
+def _resolvent_forms(gram: torch.Tensor, cross: torch.Tensor, tridiagonal: bool = True):
+    """LogME's spectral sums of the symmetric ``gram`` (FᵀF) and the C vectors ``cross`` (FᵀY, (C, d)):
+    a _TridiagonalForms where it applies (CPU, LAPACK and the native kernel present, no eigenvalue
+    at the null threshold, ``tridiagonal``), else an _EigenForms.
 
-    LogME needs V only through the C projections Vᵀb, never V itself.  On CPU: G = Q T Qᵀ
-    (``dsytrd``, Householder reflectors, T tridiagonal), T = W S Wᵀ (``dstevd``, divide and conquer),
-    so Vᵀb = Wᵀ(Qᵀb): the reflectors are applied to the C vectors (``dormqr``, O(d²C)) instead of
-    to W (``dsyevd``'s back-transformation, O(d³)) - half the cost of ``torch.linalg.eigh``, the
-    same eigenvalues and projections to rounding."""
+    LogME needs the eigenvectors V only through the C projections Vᵀb, never V itself.  On CPU:
+    G = Q T Qᵀ (``dsytrd``, Householder reflectors, T tridiagonal) and Qᵀb by the reflectors
+    (``dormqr``, O(d²C)).  Then T's eigenvalues alone (``dsterf``, O(d²)) and the resolvent forms of
+    Qᵀb by LDLᵀ recurrences in T, or, where some eigenvalue is at the null threshold (rank-deficient
+    features, d > n), T = W S Wᵀ (``dstevd``) and Vᵀb = Wᵀ(Qᵀb).  Either is a fraction of
+    ``torch.linalg.eigh``, whose back-transformation of V alone is O(d³)."""
     if gram.device.type != "cpu" or _dsytrd is None:
         s, v = torch.linalg.eigh(gram)
-        return s, cross @ v
+        return _EigenForms(s, cross @ v)
     d = gram.shape[0]
     if d == 1:
-        return gram[0], cross.clone()
+        return _EigenForms(gram[0], cross.clone())
     # One BLAS thread: OpenBLAS's workers spin after a threaded call, and on a machine with as many
     # cores as torch threads they then slow the torch steps that follow (measured on 2 cores at
     # d = 1024: the Newton steps 0.07-0.10 s instead of 0.015 s, for 0.03 s saved in the eigenpairs).
     limit = _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
     with limit:
-        return _lapack_eig_projections(gram, cross)
+        return _lapack_resolvent_forms(gram, cross, tridiagonal and _C is not None)
 
 
-def _lapack_eig_projections(gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _lapack_resolvent_forms(gram: torch.Tensor, cross: torch.Tensor, tridiagonal: bool):
     d = gram.shape[0]
     refl, diag, off, tau, info = _dsytrd(gram.numpy(), lower=1, lwork=64 * d)
     if info != 0:
         raise RuntimeError(f"LAPACK dsytrd failed (info={info})")
-    s, w, info = _dstevd(diag, off)
-    if info != 0:
-        raise RuntimeError(f"LAPACK dstevd failed (info={info})")
     # With uplo="L", Q = H(1)..H(d-1) acts on rows 1..d-1 as the QR factor stored below the first
     # subdiagonal: LAPACK's dormtr is dormqr on those rows.
     qtb = np.array(cross.numpy().T, order="F")        # (d, C)
     qtb[1:], _, info = _dormqr("L", "T", refl[1:, :d - 1], tau, qtb[1:], lwork=64 * max(qtb.shape[1], 1))
     if info != 0:
         raise RuntimeError(f"LAPACK dormqr failed (info={info})")
-    return torch.from_numpy(s), torch.from_numpy(np.ascontiguousarray((w.T @ qtb).T))
+    if tridiagonal:
+        s, info = _dsterf(diag, off)
+        if info != 0:
+            raise RuntimeError(f"LAPACK dsterf failed (info={info})")
+        if s[0] > s[-1] * d * np.finfo(np.float64).eps:   # ascending: no eigenvalue at the null threshold
+            return _TridiagonalForms(torch.from_numpy(s), diag, np.ascontiguousarray(off),
+                                     np.ascontiguousarray(qtb))
+    s, w, info = _dstevd(diag, off)
+    if info != 0:
+        raise RuntimeError(f"LAPACK dstevd failed (info={info})")
+    return _EigenForms(torch.from_numpy(s), torch.from_numpy(np.ascontiguousarray((w.T @ qtb).T)))
 
 
 # ----------------------------------------------------------------------------------- H-score
