@@ -270,8 +270,13 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     λ = α/β.  Three such steps warm up; then Newton's method on the profile log evidence in log λ
     (β at its optimum n / E(λ), ascent steps only) runs to ``tol`` relative change in λ, or until
     L / n has less than ``tol`` left to gain by the Newton decrement (a column without signal has
-    its supremum at λ -> ∞), so the value is the maximum of L.  tllib's loop instead stops after at most 11 steps at a 1% change,
-    with ε = 1e-5 in the denominators.
+    its supremum at λ -> ∞), so the value is the maximum of L.  tllib's loop instead stops after at
+    most 11 steps at a 1% change, with ε = 1e-5 in the denominators.
+
+    Float32 features have their statistics taken in float32 products; where some column's fit leaves
+    less than 1/1000 of ‖y‖² (E(λ*) < ‖y‖² / 10³: nearly separable classes, regression targets with
+    little noise), ‖y‖² - Σ z²/(s + λ) would cancel past float32's digits, and the statistics are
+    taken again in float64 (docs/design/training.md, "Precision").
 
     Args:
         features: (n, d) numpy array (memory-mapped is fine) or torch tensor, on CPU or GPU.
@@ -281,6 +286,10 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
 
     Returns:
         The mean over target columns of L(α*, β*) / n (larger is better).
+
+    Raises:
+        ValueError: naming y's column, where the features fit it to float64 rounding (E(λ*) below
+            ‖y‖² / 10¹¹): its evidence grows without bound as β -> ∞, and float64 resolves no maximum.
     """
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
@@ -479,7 +488,7 @@ def _resolvent_forms(gram: torch.Tensor, cross: torch.Tensor, tridiagonal: bool 
         return _EigenForms(gram[0], cross.clone())
     # One BLAS thread: OpenBLAS's workers spin after a threaded call, and on a machine with as many
     # cores as torch threads they then slow the torch steps that follow (measured on 2 cores at
-    # d = 1024: the Newton steps 0.07-0.10 s instead of 0.015 s, for 0.03 s saved in the eigenpairs).
+    # d = 1024: the Newton steps 0.07-0.10 s instead of 0.015 s, for 0.03 s saved in dsytrd).
     limit = _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
     with limit:
         return _lapack_resolvent_forms(gram, cross, tridiagonal and _C is not None)
