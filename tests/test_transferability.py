@@ -567,3 +567,9 @@ def test_logme_refuses_a_target_the_features_fit_exactly():
     with pytest.raises(ValueError, match=r"y: target column 0 is fitted"):
         tr.logme(f.astype(np.float32), f.astype(np.float32).astype(np.float64) @ rng.standard_normal(12),
                  regression=True)
+    # A class whose indicator the features reproduce exactly (one feature is that indicator, and
+    # the classes are otherwise noise): named by its label.
+    labels = np.array(["cat", "dog", "eel"])[rng.integers(0, 3, 500)]
+    g = np.concatenate([f, (labels == "dog")[:, None].astype(np.float64)], 1)
+    with pytest.raises(ValueError, match=r"y: class 'dog' is fitted"):
+        tr.logme(g, labels)

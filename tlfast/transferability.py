@@ -312,7 +312,12 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     bad = ~(torch.isfinite(evidence) & (kappa <= _FLOAT64_KAPPA))
     if bool(bad.any()):
         j = int(torch.nonzero(bad)[0])
-        raise ValueError(f"y: {'target column' if regression else 'class'} {j} is fitted by the features to within "
+        if regression:
+            which = f"target column {j}"
+        else:  # the codes number the sorted distinct labels
+            labels = np.unique(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+            which = f"class {labels[j].item()!r}"
+        raise ValueError(f"y: {which} is fitted by the features to within "
                          f"float64 rounding (residual {1 / float(kappa[j]):.1e} of its squared norm at the optimum), "
                          f"so its evidence has no maximum that float64 resolves: the column is (nearly) an exact "
                          f"linear function of the features")
