@@ -573,3 +573,21 @@ def test_logme_refuses_a_target_the_features_fit_exactly():
     g = np.concatenate([f, (labels == "dog")[:, None].astype(np.float64)], 1)
     with pytest.raises(ValueError, match=r"y: class 'dog' is fitted"):
         tr.logme(g, labels)
+
+
+@pytest.mark.parametrize("sep", [200.0, 1000.0])
+def test_transrate_float32_keeps_the_spread_within_classes_far_apart(sep):
+    """Class centres far apart (and a large common mean): the float32 products see only each class's
+    spread about its own mean, so the score equals the float64 one (rows centred by the global mean
+    were 1% off at 200 and not positive definite at 1000)."""
+    f, y = _separable(5000, 64, 5, sep)
+    f += 50
+    assert tr.transrate(f, y) == pytest.approx(tr.transrate(f.astype(np.float64), y), rel=1e-7)
+
+
+def test_logdet_coding_takes_rounding_negative_eigenvalues_as_zero():
+    gram = torch.tensor([[4.0, 0.0], [0.0, -1e-3]], dtype=torch.float64)
+    assert float(tr._logdet_coding(gram, 1e4)) == pytest.approx(np.log1p(4e4), rel=1e-12)
+    spd = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    assert float(tr._logdet_coding(spd, 3.0)) == pytest.approx(np.linalg.slogdet(np.eye(2) + 3 * spd.numpy())[1],
+                                                               rel=1e-12)

@@ -582,10 +582,13 @@ def hscore(features: Any, y: Any, shrinkage: bool = False) -> float:
 
 # ----------------------------------------------------------------------------------- TransRate
 def _logdet_coding(gram: torch.Tensor, scale: float) -> torch.Tensor:
-    """log det(I + scale · gram) for a symmetric PSD gram, through its Cholesky factor."""
+    """log det(I + scale · gram) for a symmetric PSD gram, through its Cholesky factor; where rounding
+    has left it indefinite, from gram's eigenvalues with the negative ones (rounding) taken as 0."""
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    chol = torch.linalg.cholesky(eye + scale * gram)
-    return 2 * torch.log(torch.diagonal(chol)).sum()
+    chol, info = torch.linalg.cholesky_ex(eye + scale * gram)
+    if int(info) == 0:
+        return 2 * torch.log(torch.diagonal(chol)).sum()
+    return torch.log1p(scale * torch.linalg.eigvalsh(gram).clamp(min=0)).sum()
 
 
 def transrate(features: Any, y: Any, eps: float = 1e-4) -> float:
@@ -594,10 +597,14 @@ def transrate(features: Any, y: Any, eps: float = 1e-4) -> float:
 
         TransRate = R(Z) - (1/C) Σ_c R(Z_c),   Z_c the rows of class c (n_c of them, scale 1 / (n_c ε)).
 
-    Two passes: the mean, then the Gram matrix of each class's centred rows, one class at a time in
-    chunks (memory O(d²) however many classes); ZᵀZ is their sum.  The rows are centred before
-    their products, so each Gram matrix is positive semi-definite to rounding even when the class
-    has fewer rows than dimensions.
+    Two passes: the mean and the class means (float64), then per class Z_cᵀZ_c = B_cᵀB_c + n_c δ δᵀ,
+    with B_c the class's rows centred by their own mean and δ = μ_c - μ added in float64, one class
+    at a time in chunks (memory O(d²) however many classes); ZᵀZ is their sum.  So the float32
+    products see only the spread within the class, never the distance between the class means
+    (rows centred by the global mean lost the within-class spread to float32 rounding where the
+    classes lie far apart: 1% off at centres 200 times the noise, and not positive definite at
+    1000), and each Gram matrix is positive semi-definite to rounding even when the class has fewer
+    rows than dimensions.
     """
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
@@ -605,25 +612,33 @@ def transrate(features: Any, y: Any, eps: float = 1e-4) -> float:
     n, d = f.shape
     codes, n_classes = _labels(y, n, f.device)
     f64 = torch.float64
-    total = torch.zeros(d, dtype=f64, device=f.device)
+    sums = torch.zeros(n_classes, d, dtype=f64, device=f.device)
     for i, c in _chunks(f):
-        part = c.sum(0).to(f64)
-        if not bool(torch.isfinite(part).all()):
+        c64 = c.to(f64)
+        if not bool(torch.isfinite(c64.sum(0)).all()):
             raise ValueError(f"features contains NaN or inf (in rows {i}..{i + c.shape[0] - 1}); clean or drop them")
-        total += part
-    mean = (total / n).to(_work_dtype(f))
+        sums.index_add_(0, codes[i:i + c.shape[0]], c64)
     counts = torch.bincount(codes, minlength=n_classes)
+    class_means = sums / counts[:, None].to(f64)
+    mean = sums.sum(0) / n
     order = torch.argsort(codes, stable=True)
     bounds = torch.cumsum(counts, 0).tolist()
     scatter = torch.zeros(d, d, dtype=f64, device=f.device)
     start, class_rates = 0, torch.zeros((), dtype=f64, device=f.device)
+    work = _work_dtype(f)
     for c in range(n_classes):
         rows = order[start:bounds[c]]
         gram_c = torch.zeros(d, d, dtype=f64, device=f.device)
         scratch = None
+        mu_c = class_means[c].to(work)
         for i in range(0, rows.shape[0], _CHUNK):
-            scratch = _add_gram(gram_c, f[rows[i:i + _CHUNK]].to(mean.dtype) - mean, i, "features", scratch)
-        gram_c = _symmetrise(gram_c)
+            scratch = _add_gram(gram_c, f[rows[i:i + _CHUNK]].to(work) - mu_c, i, "features", scratch)
+        # B_c = Z_c - 1δᵀ is centred by m = μ_c rounded to the working dtype, δ = m - μ, so
+        # Z_cᵀZ_c = B_cᵀB_c + r δᵀ + δ rᵀ + n_c δ δᵀ with r = B_cᵀ1 = Σ_c f - n_c m (float64; 0 but
+        # for m's rounding, which times a large δ is not negligible against the spread).
+        m = mu_c.to(f64)
+        delta, r = m - mean, sums[c] - float(counts[c]) * m
+        gram_c = _symmetrise(gram_c).addr_(r, delta).addr_(delta, r).addr_(delta, delta, alpha=float(counts[c]))
         scatter += gram_c
         class_rates = class_rates + 0.5 * _logdet_coding(gram_c, 1.0 / (int(counts[c]) * eps))
         start = bounds[c]
