@@ -273,10 +273,11 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     its supremum at λ -> ∞), so the value is the maximum of L.  tllib's loop instead stops after at
     most 11 steps at a 1% change, with ε = 1e-5 in the denominators.
 
-    Float32 features have their statistics taken in float32 products; where some column's fit leaves
-    less than 1/1000 of ‖y‖² (E(λ*) < ‖y‖² / 10³: nearly separable classes, regression targets with
-    little noise), ‖y‖² - Σ z²/(s + λ) would cancel past float32's digits, and the statistics are
-    taken again in float64 (docs/design/training.md, "Precision").
+    Float32 features have their statistics taken in float32 products, of the rows less their first
+    chunk's mean (FᵀF and FᵀY then rebuilt in float64, so a common offset costs no digits).  Where
+    some column's fit leaves less than 1/1000 of ‖y‖² (E(λ*) < ‖y‖² / 10³: nearly separable
+    classes, regression targets with little noise), ‖y‖² - Σ z²/(s + λ) would cancel past float32's
+    digits, and the statistics are taken again in float64 (docs/design/training.md, "Precision").
 
     Args:
         features: (n, d) numpy array (memory-mapped is fine) or torch tensor, on CPU or GPU.
@@ -303,8 +304,13 @@ def logme(features: Any, y: Any, regression: bool = False, *, max_iter: int = 10
     else:
         targets = None
         codes, n_classes = _labels(y, n, f.device)
-    evidence, kappa = _logme_evidence(_moments(f, codes, n_classes, targets), max_iter, tol)
-    if _work_dtype(f) == torch.float32 and not bool((kappa <= _FLOAT32_KAPPA).all()):
+    # Float32 products are of the rows shifted by their first chunk's mean (the kernel subtracts it
+    # as it packs), and FᵀF, FᵀY are rebuilt from them in float64: a feature's common offset
+    # (post-ReLU features) would otherwise enter the float32 sums at its full size.
+    low = _work_dtype(f) == torch.float32
+    mom = _moments(f, codes, n_classes, targets, shift=low)
+    evidence, kappa = _logme_evidence(_unshifted(mom, targets) if low else mom, max_iter, tol)
+    if low and not bool((kappa <= _FLOAT32_KAPPA).all()):
         # Some column is fitted so closely that E = ‖y‖² - Σ z²/(s + λ) cancels past what float32
         # products resolve (features whose classes are nearly linearly separable, regression targets
         # with little noise): the statistics again, in float64.
@@ -334,6 +340,19 @@ _FLOAT64_KAPPA = 1e11
 
 
 _LOGME_WARMUP = 3  # MacKay fixed-point steps before Newton
+
+
+def _unshifted(mom: _Moments, targets: torch.Tensor | None) -> _Moments:
+    """The moments of the rows f from those of b = f - a (``_moments(..., shift=True)``), in float64,
+    in place: with t = Σ b,  FᵀF = BᵀB + a tᵀ + t aᵀ + n a aᵀ,  YᵀF = YᵀB + (Yᵀ1) aᵀ (Yᵀ1 the class
+    counts for one-hot Y, which are ‖y‖²)."""
+    a, t, n = mom.shift, mom.total, mom.n
+    mom.gram.addr_(a, t).addr_(t, a).addr_(a, a, alpha=float(n))
+    ones_y = mom.y_sq if targets is None else targets.sum(0)
+    mom.cross.addr_(ones_y, a)
+    mom.total = t + n * a
+    mom.shift = torch.zeros_like(a)
+    return mom
 
 
 class _NotDefinite(Exception):
