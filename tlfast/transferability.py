@@ -359,6 +359,11 @@ class _NotDefinite(Exception):
     """Some T + λI of the tridiagonal form was not numerically positive definite."""
 
 
+def _null_threshold(s_max: float, d: int) -> float:
+    """Eigenvalues of FᵀF (float64) at or below this are rounding: directions without variance."""
+    return s_max * d * float(np.finfo(np.float64).eps)
+
+
 class _EigenForms:
     """The z-weighted resolvent sums of LogME from the eigenpairs of FᵀF: s (d,) its eigenvalues and
     z (C, d) = VᵀFᵀy per column, so that Σ z²/(s + λ)^k is a (C, d) reduction."""
@@ -367,7 +372,7 @@ class _EigenForms:
         d = s.shape[0]
         self.s = s.clamp(min=0)
         # Directions with (numerically) zero variance carry no signal: Fᵀy is 0 there exactly.
-        z = torch.where(self.s > self.s.max() * d * torch.finfo(s.dtype).eps, z, torch.zeros_like(z))
+        z = torch.where(self.s > _null_threshold(float(self.s.max()), d), z, torch.zeros_like(z))
         self.z2 = z * z
 
     def __call__(self, lam: torch.Tensor, more: bool = True):
@@ -533,7 +538,7 @@ def _lapack_resolvent_forms(gram: torch.Tensor, cross: torch.Tensor, tridiagonal
         s, info = _dsterf(diag, off)
         if info != 0:
             raise RuntimeError(f"LAPACK dsterf failed (info={info})")
-        if s[0] > s[-1] * d * np.finfo(np.float64).eps:   # ascending: no eigenvalue at the null threshold
+        if s[0] > _null_threshold(float(s[-1]), d):   # ascending: no eigenvalue at the null threshold
             return _TridiagonalForms(torch.from_numpy(s), diag, np.ascontiguousarray(off),
                                      np.ascontiguousarray(qtb))
     s, w, info = _dstevd(diag, off)
