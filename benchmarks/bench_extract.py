@@ -242,8 +242,20 @@ def _n_texts(quick: bool) -> int:
     return int(os.environ.get("BENCH_TEXTS") or (128 if quick else 1024))
 
 
+def import_as_its_user(contender: str) -> None:
+    """A tlfast user imports tlfast, which sets torch's OpenMP wait before it imports torch
+    (tlfast/_threads.py); a sentence-transformers user never imports tlfast, so their torch keeps
+    libgomp's default.  Each worker subprocess imports in its contender's order (the texts are
+    built with tlfast's tokenizer helper, after torch for the peers)."""
+    if contender.startswith("tlfast"):
+        import tlfast  # noqa: F401
+    else:
+        import torch  # noqa: F401
+
+
 def worker(case: str, contender: str, quick: bool) -> dict:
     """One round of one contender: load, warm up, time.  Returns raw samples (seconds)."""
+    import_as_its_user(contender)
     import torch
 
     row: dict = {"threads": torch.get_num_threads()}

@@ -5,6 +5,10 @@
     d = tlfast.pairwise(x, y, metric="l2")
     tlfast.backends()                                            # what runs here, and why not
 """
+from . import _threads
+
+_threads.configure()  # before anything imports torch: libgomp reads its wait policy once, on load
+
 from . import distributed  # torch.distributed is imported by torch itself: no extra cost
 from . import domain
 from . import ot

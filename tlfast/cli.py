@@ -179,7 +179,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     extraction = {"cpu_model": cap.cpu_model, "cpu_class": cap.cpu_class, "cpu_flags": list(cap.cpu_flags),
                   "native_bf16": cap.cpu_bf16, "int8": cap.cpu_int8, "cuda": [list(c) for c in cap.cuda],
                   "auto_precision": prec.resolve_precision("auto", torch.device("cpu"))}
+    from tlfast import _threads
+
     report = {"tlfast": tlfast.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+              "threads": {"torch": torch.get_num_threads(), "openmp_wait": _threads.STATE},
               "native": native, "backends": backends, "extraction": extraction, "optional": versions,
               "extras": _extras()}
     if args.json:
@@ -192,6 +195,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why = f" ({native['cuda_reason']})" if native["cuda_reason"] else ""
         print(f"native: cpu isa {native['cpu_isa']}, built with CUDA: {native['built_with_cuda']}, "
               f"CUDA devices: {native['cuda_devices']}{why}")
+    print(f"threads: torch {report['threads']['torch']}; OpenMP wait: {_threads.STATE}")
     print(f"extraction: {cap.summary()}; precision='auto' -> {extraction['auto_precision']} on CPU")
     print(f"  {cap.cpu_model}: {' '.join(cap.cpu_flags) or 'no matrix-relevant flags'}")
     print("backends:")
