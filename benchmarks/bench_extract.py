@@ -425,11 +425,20 @@ def main() -> None:
                     help=f"rounds of {LATENCY_CALLS} batch-1 calls (default {LATENCY_ROUNDS})")
     ap.add_argument("--in-process", action="store_true",
                     help="text cases: load every contender once in this process (a loaded machine)")
+    ap.add_argument("--contenders", nargs="*", metavar="CONTENDER",
+                    help="only these contenders (each case keeps its peer, which every ratio needs)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.quick)))
         return
+    if args.contenders:
+        known = {c for case in args.cases for c in CASES[case]}
+        unknown = sorted(set(args.contenders) - known)
+        if unknown:
+            ap.error(f"--contenders: {', '.join(unknown)} not in the cases run (choose from {', '.join(sorted(known))})")
+        for case in args.cases:
+            CASES[case] = [c for c in CASES[case] if c in args.contenders or c == BASELINE[case]]
     import torch
 
     import tlfast
