@@ -5,11 +5,11 @@ a barrier spins 300,000 ``pause`` iterations (GOMP_SPINCOUNT's default, millisec
 sleeps.  Alone on its cores that costs nothing.  On a shared machine it is the dominant cost: when
 another process holds a core, the thread a barrier waits for is descheduled, and its peer burns
 its own time slice spinning.  Measured with two busy processes on a 2-core EPYC
-(``benchmarks/results/extract-cpu-shared.md``): tlfast's torch extraction path slowed 3.4-6.3x
-(fair share: 2x), its process spending twice the CPU time of the same call alone; with
-GOMP_SPINCOUNT=10000 it slowed 2.1-2.3x, and alone it ran as fast as before (2.32-2.34 s against
-2.34-2.68 s; batch-1 latency, sentence-transformers and a small-op training loop in the same
-process within noise).  10,000 spins is 0.1-0.5 ms: the gaps between the ops of one forward stay
+(``benchmarks/results/extract-cpu-shared.md``, 5 rounds): tlfast's torch extraction path slowed
+4.21x (fair share: 2x), its process spending twice the CPU time of the same call alone (12.4 s
+against 6.0 s); with GOMP_SPINCOUNT=10000 it slowed 2.29x (5.2 s against 4.7 s), and alone it ran
+as fast as before (probes in one process: 2.32-2.34 s against 2.34-2.68 s; batch-1 latency,
+sentence-transformers and a small-op training loop in the same process within noise).  10,000 spins is 0.1-0.5 ms: the gaps between the ops of one forward stay
 hot, an idle pool lets go of the cores.  (PyTorch's own CPU launcher sets Intel OpenMP's
 KMP_BLOCKTIME=1, 1 ms, for the same reason.)
 
