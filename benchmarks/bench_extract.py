@@ -453,9 +453,11 @@ def main() -> None:
     if args.texts:
         env["BENCH_TEXTS"] = os.environ["BENCH_TEXTS"] = str(args.texts)
     text_cases = {"text-throughput", "text-latency"} & set(args.cases)
+    needs_exports = any(c.startswith("st-") for case in text_cases for c in CASES[case])
     if text_cases:
         try:
-            prepare_st_exports(exports)
+            if needs_exports:  # minutes of export: only when an st- contender runs
+                prepare_st_exports(exports)
         except Exception as exc:  # a backend that does not install here: run without it, say so
             print(f"sentence-transformers onnx/openvino backends unavailable ({exc}); torch only", flush=True)
             for case in CASES:
