@@ -9,8 +9,9 @@ its own time slice spinning.  Measured with two busy processes on a 2-core EPYC
 4.21x (fair share: 2x), its process spending twice the CPU time of the same call alone (12.4 s
 against 6.0 s); with GOMP_SPINCOUNT=10000 it slowed 2.29x (5.2 s against 4.7 s), and alone it ran
 as fast as before (probes in one process: 2.32-2.34 s against 2.34-2.68 s; batch-1 latency,
-sentence-transformers and a small-op training loop in the same process within noise).  10,000 spins is 0.1-0.5 ms: the gaps between the ops of one forward stay
-hot, an idle pool lets go of the cores.  (PyTorch's own CPU launcher sets Intel OpenMP's
+sentence-transformers and a small-op training loop in the same process within noise).  10,000
+spins is 0.1-0.5 ms: the gaps between the ops of one forward stay hot, an idle pool lets go of the
+cores.  (PyTorch's own CPU launcher sets Intel OpenMP's
 KMP_BLOCKTIME=1, 1 ms, for the same reason.)
 
 libgomp reads the variable once, when it is loaded (``import torch``), so this can only act if
@@ -57,6 +58,6 @@ def configure() -> None:
         import torch  # noqa: F401  (loads libgomp, which reads GOMP_SPINCOUNT now)
     finally:
         os.environ.pop("GOMP_SPINCOUNT", None)
-    STATE = (f"GOMP_SPINCOUNT={SPINCOUNT} (set by tlfast for torch's libgomp: workers sleep after ~0.1-0.5 ms "
-             "instead of spinning for milliseconds)") if _libgomp_loaded() else \
+    STATE = (f"GOMP_SPINCOUNT={SPINCOUNT} (set by tlfast for torch's libgomp: workers sleep after "
+             "~0.1-0.5 ms instead of spinning for milliseconds)") if _libgomp_loaded() else \
         "no libgomp in this process (torch's OpenMP is another runtime): nothing set"
